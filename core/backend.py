@@ -1,0 +1,166 @@
+"""The backend contract: what a device plugin provides to the hardware-neutral core.
+
+A backend supplies its device's memory allocator for the paged KV cache, attention kernels over
+that cache, and linear/embedding layers built from (possibly quantized) weights. The core's torch
+model runner drives the shared llama-family model with those pieces; a backend that runs models
+some other way (a JAX runner, say) overrides :meth:`Backend.create_model_runner` instead.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ember.config import CacheConfig, ModelConfig
+    from ember.engine.model_runner import ModelRunner
+    from ember.gguf.loader import QuantWeight
+
+# Bumped on any incompatible change to this module's classes. A plugin declares the version it was
+# written for; the manager refuses (and reports) plugins whose major version differs.
+BACKEND_API_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+
+    @classmethod
+    def yes(cls) -> "Availability":
+        return cls(True, "")
+
+    @classmethod
+    def no(cls, reason: str) -> "Availability":
+        return cls(False, reason)
+
+
+@dataclass
+class BackendOptions:
+    threads: int | None = None
+    exact: bool = False  # keep reference numerics: no approximating fast paths
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+
+    def bytes_per_block(self, itemsize: int = 4) -> int:
+        # K and V for every layer
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the tokens of one step sit: built by the model runner, read by attention kernels.
+
+    The flattened batch holds each scheduled sequence's new tokens back to back; sequence ``i``
+    owns rows ``query_start_loc[i]:query_start_loc[i+1]`` and, after this step, has
+    ``seq_lens[i]`` tokens of context in the cache (its new tokens are the last ones).
+    """
+
+    slot_mapping: "torch.Tensor"  # [num_tokens] int64: cache slot of each new token
+    block_tables: "torch.Tensor"  # [num_seqs, max_blocks] int64, padded with 0
+    seq_lens: "torch.Tensor"  # [num_seqs] int64
+    query_start_loc: "torch.Tensor"  # [num_seqs + 1] int64
+    query_lens_list: list[int]
+    seq_lens_list: list[int]
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_list)
+
+    @property
+    def decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens_list)
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self,
+        q: "torch.Tensor",  # [num_tokens, num_heads, head_dim]
+        k: "torch.Tensor",  # [num_tokens, num_kv_heads, head_dim]
+        v: "torch.Tensor",
+        k_cache: "torch.Tensor",  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: "torch.Tensor",
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> "torch.Tensor":
+        """Write k, v into the cache at meta.slot_mapping, then attend causally over each
+        sequence's cached context. Returns [num_tokens, num_heads, head_dim]."""
+        ...
+
+
+class Backend(ABC):
+    """Subclass this and register it through ``ember_register_backends``."""
+
+    name: ClassVar[str]
+    device_type: ClassVar[str]
+    priority: ClassVar[int] = 0
+    api_version: ClassVar[int] = BACKEND_API_VERSION
+    # GGUF tensor types (names as in gguf.GGMLQuantizationType) and other formats ("awq", ...)
+    quant_formats: ClassVar[frozenset[str]] = frozenset()
+    dtypes: ClassVar[tuple[str, ...]] = ("float32",)
+    description: ClassVar[str] = ""
+
+    def __init__(self, options: BackendOptions | None = None):
+        self.options = options or BackendOptions()
+
+    @classmethod
+    @abstractmethod
+    def availability(cls) -> Availability:
+        """Whether this backend can run here; when not, a reason a person can act on."""
+
+    # --- memory -----------------------------------------------------------------------------
+    def kv_cache_dtype(self) -> str:
+        return self.dtypes[0]
+
+    @abstractmethod
+    def allocate_kv_cache(self, spec: KVCacheSpec) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+        """Allocate the paged KV pool: one (k_cache, v_cache) pair per layer, each
+        [num_blocks, block_size, num_kv_heads, head_dim] on this backend's device."""
+
+    def available_kv_memory(self) -> int | None:
+        """Bytes this device can give the KV cache after the weights; None: no limit known."""
+        return None
+
+    def memory_stats(self) -> dict[str, int]:
+        return {}
+
+    # --- kernels ----------------------------------------------------------------------------
+    @abstractmethod
+    def attention(self) -> AttentionBackend:
+        """The paged attention kernels."""
+
+    @abstractmethod
+    def create_linear(
+        self, weights: list["QuantWeight"], biases: list["QuantWeight | None"] | None = None
+    ) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+        """A linear layer y = x @ W.T (+ b) for the weights concatenated along the output
+        dimension (so q/k/v or gate/up fuse into one call)."""
+
+    @abstractmethod
+    def create_embedding(self, weight: "QuantWeight") -> Callable[["torch.Tensor"], "torch.Tensor"]:
+        """Token-id lookup into the (possibly quantized) embedding table."""
+
+    def supports(self, qtype_name: str) -> bool:
+        return qtype_name in self.quant_formats
+
+    # --- the runner -------------------------------------------------------------------------
+    def create_model_runner(
+        self, model_config: "ModelConfig", weights: dict[str, "QuantWeight"], cache_config: "CacheConfig"
+    ) -> "ModelRunner":
+        """Build the runner that executes scheduler steps. The default drives the core's torch
+        model with this backend's kernels; a backend with its own runtime overrides this."""
+        from ember.engine.model_runner import TorchModelRunner
+
+        return TorchModelRunner(self, model_config, weights, cache_config)

@@ -1,0 +1,151 @@
+"""Load backend plugins from entry points and choose one.
+
+A plugin that fails to import, or registers something that breaks the contract, is recorded with
+its error and listed by ``ember plugins``; it never takes the other plugins down.
+"""
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+import traceback
+from dataclasses import dataclass
+
+import pluggy
+
+from ember.backend import BACKEND_API_VERSION, Availability, Backend
+from ember.plugins import hookspecs
+
+log = logging.getLogger(__name__)
+ENTRY_POINT_GROUP = "ember.backends"
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+@dataclass
+class BackendInfo:
+    name: str
+    plugin: str  # entry-point name
+    distribution: str
+    version: str
+    cls: type[Backend] | None
+    availability: Availability
+    priority: int = 0
+    device_type: str = ""
+    error: str = ""  # load or contract error, when the plugin could not be used
+
+    @property
+    def usable(self) -> bool:
+        return self.cls is not None and self.availability.ok
+
+
+class PluginRegistry:
+    def __init__(self, entry_points=None):
+        self.pm = pluggy.PluginManager("ember")
+        self.pm.add_hookspecs(hookspecs)
+        self.backends: dict[str, BackendInfo] = {}
+        self.failed: list[BackendInfo] = []
+        self._load(entry_points if entry_points is not None else md.entry_points(group=ENTRY_POINT_GROUP))
+
+    def _load(self, entry_points) -> None:
+        for ep in entry_points:
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else "?"
+            dist_version = dist.version if dist is not None else "?"
+            try:
+                module = ep.load()
+                self.pm.register(module, name=ep.name)
+            except Exception as e:  # a broken plugin is reported, never fatal
+                log.warning("backend plugin %r failed to load: %s", ep.name, e)
+                self.failed.append(
+                    BackendInfo(ep.name, ep.name, dist_name, dist_version, None,
+                                Availability.no(f"plugin failed to load: {e!r}"),
+                                error=_short_tb(e))
+                )
+                continue
+            self._collect(ep.name, dist_name, dist_version)
+
+    def _collect(self, plugin_name: str, dist_name: str, dist_version: str) -> None:
+        impl = self.pm.get_plugin(plugin_name)
+        registered: list[type] = []
+        hook = self.pm.subset_hook_caller("ember_register_backends", remove_plugins=[
+            p for p in self.pm.get_plugins() if p is not impl
+        ])
+        try:
+            hook(register=registered.append)
+        except Exception as e:
+            self.failed.append(BackendInfo(plugin_name, plugin_name, dist_name, dist_version, None,
+                                           Availability.no(f"registration failed: {e!r}"),
+                                           error=_short_tb(e)))
+            return
+        for cls in registered:
+            info = self._check(cls, plugin_name, dist_name, dist_version)
+            if info.name in self.backends:
+                other = self.backends[info.name]
+                info.cls, info.error = None, f"duplicate backend name, already provided by {other.distribution}"
+                info.availability = Availability.no(info.error)
+                self.failed.append(info)
+                continue
+            self.backends[info.name] = info
+
+    @staticmethod
+    def _check(cls, plugin_name: str, dist_name: str, dist_version: str) -> BackendInfo:
+        name = getattr(cls, "name", None) or plugin_name
+        if not (isinstance(cls, type) and issubclass(cls, Backend)):
+            err = f"{cls!r} is not a subclass of ember.backend.Backend"
+            return BackendInfo(name, plugin_name, dist_name, dist_version, None, Availability.no(err), error=err)
+        if getattr(cls, "api_version", None) != BACKEND_API_VERSION:
+            err = (f"written for backend API version {getattr(cls, 'api_version', None)}, "
+                   f"this ember provides version {BACKEND_API_VERSION}")
+            return BackendInfo(name, plugin_name, dist_name, dist_version, None, Availability.no(err), error=err)
+        try:
+            avail = cls.availability()
+            if not isinstance(avail, Availability):
+                avail = Availability.no(f"availability() returned {avail!r}, not an Availability")
+        except Exception as e:
+            avail = Availability.no(f"availability check raised {e!r}")
+        return BackendInfo(name, plugin_name, dist_name, dist_version, cls, avail,
+                           priority=cls.priority, device_type=cls.device_type)
+
+    def all(self) -> list[BackendInfo]:
+        return sorted(list(self.backends.values()) + self.failed, key=lambda b: (-b.priority, b.name))
+
+    def select(self, device: str = "auto") -> BackendInfo:
+        """``auto``: the highest-priority available backend. Otherwise a backend name or a device
+        type (``cpu``, ``cuda``, ...), failing with every reason when none can run."""
+        if device == "auto":
+            candidates = [b for b in self.backends.values() if b.usable]
+            if not candidates:
+                raise BackendUnavailable("no backend can run here:\n" + self._reasons(self.all()))
+            return max(candidates, key=lambda b: (b.priority, b.name))
+        matches = [b for b in self.all() if device in (b.name, b.device_type)]
+        if not matches:
+            known = ", ".join(sorted({b.name for b in self.all()} | {b.device_type for b in self.all() if b.device_type}))
+            raise BackendUnavailable(f"no backend named {device!r} is installed (installed: {known or 'none'})")
+        usable = [b for b in matches if b.usable]
+        if not usable:
+            raise BackendUnavailable(f"backend {device!r} cannot run here:\n" + self._reasons(matches))
+        return max(usable, key=lambda b: (b.priority, b.name))
+
+    @staticmethod
+    def _reasons(infos: list[BackendInfo]) -> str:
+        return "\n".join(f"  {b.name}: {b.availability.reason}" for b in infos) or "  (no backend plugins installed)"
+
+
+def _short_tb(e: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(e), e)).strip()
+
+
+_registry: PluginRegistry | None = None
+
+
+def get_registry(refresh: bool = False) -> PluginRegistry:
+    global _registry
+    if _registry is None or refresh:
+        _registry = PluginRegistry()
+    return _registry
+
+
+def select_backend(device: str = "auto") -> BackendInfo:
+    return get_registry().select(device)
