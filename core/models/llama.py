@@ -1,0 +1,142 @@
+"""The llama family (Llama 2/3, Mistral, Qwen2/3, Mixtral-style MoE) as one torch model.
+
+The model owns no kernels: its linear layers, embedding and paged attention come from the backend,
+so each device plugs its fast paths in from outside.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ember.backend import AttentionMetadata, Backend
+from ember.config import ModelConfig, RopeScaling
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if scaling.type == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling.type == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+        old = scaling.original_context_length
+        low_wl, high_wl = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        scaled = torch.where(wavelen > low_wl, inv_freq / scaling.factor, inv_freq)
+        mid = (wavelen <= low_wl) & (wavelen >= high_wl)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq, scaled)
+    elif scaling.type not in ("none", ""):
+        raise ValueError(f"RoPE scaling {scaling.type!r} is not supported yet (supported: linear, llama3)")
+    return inv_freq
+
+
+class Rope:
+    """Precomputed cos/sin for every position up to the context length (HF rotate_half layout)."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        dim = cfg.rotary_dim
+        inv_freq = rope_inv_freq(dim, cfg.rope_theta, cfg.rope_scaling)
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+        self.dim = dim
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [tokens, heads, head_dim]
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        rot, rest = x[..., : self.dim], x[..., self.dim:]
+        half = self.dim // 2
+        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        out = rot * cos + rotated * sin
+        return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+
+def _norm_weight(weights, name: str) -> torch.Tensor:
+    return weights[name].dequantize().reshape(-1)
+
+
+class LlamaLayer:
+    def __init__(self, cfg: ModelConfig, weights, i: int, backend: Backend):
+        p = f"model.layers.{i}."
+        self.cfg = cfg
+        self.input_norm = _norm_weight(weights, p + "input_layernorm.weight")
+        self.post_norm = _norm_weight(weights, p + "post_attention_layernorm.weight")
+        names = [p + f"self_attn.{x}_proj" for x in "qkv"]
+        biases = [weights.get(n + ".bias") for n in names] if cfg.attention_bias else None
+        self.qkv = backend.create_linear([weights[n + ".weight"] for n in names], biases)
+        self.o = backend.create_linear([weights[p + "self_attn.o_proj.weight"]])
+        self.q_norm = _norm_weight(weights, p + "self_attn.q_norm.weight") if cfg.qk_norm else None
+        self.k_norm = _norm_weight(weights, p + "self_attn.k_norm.weight") if cfg.qk_norm else None
+        if cfg.num_experts:
+            self.router = backend.create_linear([weights[p + "mlp.gate.weight"]])
+            self.experts = [
+                (backend.create_linear([weights[p + f"mlp.experts.{j}.gate_proj.weight"],
+                                        weights[p + f"mlp.experts.{j}.up_proj.weight"]]),
+                 backend.create_linear([weights[p + f"mlp.experts.{j}.down_proj.weight"]]))
+                for j in range(cfg.num_experts)
+            ]
+        else:
+            self.gate_up = backend.create_linear([weights[p + "mlp.gate_proj.weight"],
+                                                  weights[p + "mlp.up_proj.weight"]])
+            self.down = backend.create_linear([weights[p + "mlp.down_proj.weight"]])
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.num_experts:
+            return self.down(_swiglu(self.gate_up(x)))
+        # Mixtral-style routing: softmax over experts, keep the top k, renormalise.
+        probs = self.router(x).softmax(-1)
+        weight, chosen = probs.topk(self.cfg.num_experts_per_tok, dim=-1)
+        weight = weight / weight.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for j in chosen.unique().tolist():
+            rows, slot = (chosen == j).nonzero(as_tuple=True)
+            gate_up, down = self.experts[j]
+            out.index_add_(0, rows, down(_swiglu(gate_up(x[rows]))) * weight[rows, slot, None])
+        return out
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights, backend: Backend, max_positions: int | None = None):
+        self.cfg = cfg
+        self.embed = backend.create_embedding(weights["model.embed_tokens.weight"])
+        self.layers = [LlamaLayer(cfg, weights, i, backend) for i in range(cfg.num_layers)]
+        self.norm = _norm_weight(weights, "model.norm.weight")
+        head = weights.get("lm_head.weight") or weights["model.embed_tokens.weight"]
+        self.lm_head = backend.create_linear([head])
+        self.rope = Rope(cfg, max_positions or cfg.context_length)
+        self.attn = backend.attention()
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        cfg = self.cfg
+        h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        x = self.embed(input_ids)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            y = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
+            q, k, v = layer.qkv(y).split([h * d, kvh * d, kvh * d], dim=-1)
+            q, k, v = q.view(-1, h, d), k.view(-1, kvh, d), v.view(-1, kvh, d)
+            if layer.q_norm is not None:
+                q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
+                k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+            q, k = self.rope(q, positions), self.rope(k, positions)
+            a = self.attn.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+            x = x + layer.o(a.reshape(-1, h * d))
+            x = x + layer.mlp(rms_norm(x, layer.post_norm, cfg.rms_norm_eps))
+        return rms_norm(x, self.norm, cfg.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
