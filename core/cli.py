@@ -1,0 +1,233 @@
+"""The ``ember`` command: run, chat, pull/list/rm/show, plugins, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="backend name or device type (default: auto)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--max-model-len", type=_positive_int, default=None, help="context length to serve")
+    p.add_argument("--kv-cache-memory", type=_size, default=None, help="KV-cache size, e.g. 512M or 2G")
+    p.add_argument("--exact", action="store_true", help="reference numerics only, no approximate fast paths")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _size(s: str) -> int:
+    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+    t = s.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in units else ""
+    try:
+        v = float(t[: len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {s!r} (e.g. 512M, 2G)") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive: {s!r}")
+    return int(v)
+
+
+def _make_llm(args, model_path):
+    from ember.llm import LLM
+
+    kw = dict(device=args.device, threads=args.threads, max_model_len=args.max_model_len, exact=args.exact)
+    if args.kv_cache_memory:
+        kw["kv_cache_memory"] = args.kv_cache_memory
+    return LLM(str(model_path), **kw)
+
+
+def _ensure_model(name: str):
+    """A stored model, a file path, or a catalogue name pulled on first use (like ``ollama run``)."""
+    from ember.store import ModelNotFound, ModelStore
+
+    store = ModelStore()
+    try:
+        return store.resolve(name)
+    except ModelNotFound:
+        return store.pull(name, progress=True)
+
+
+def cmd_run(args) -> int:
+    from ember.sampling_params import SamplingParams
+
+    path = _ensure_model(args.model)
+    llm = _make_llm(args, path)
+    params = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                  max_tokens=args.max_tokens)
+    if args.prompt:
+        text = " ".join(args.prompt)
+        _stream(llm, [{"role": "user", "content": text}], SamplingParams(**params), args.verbose)
+        return 0
+    return _chat_loop(llm, SamplingParams(**params), args.verbose)
+
+
+def _stream(llm, messages, params, verbose: bool) -> str:
+    import time
+
+    engine = llm.engine
+    ids = llm.tokenizer.encode_chat(messages)
+    t0 = time.perf_counter()
+    rid = engine.add_request(ids, params)
+    text, n = [], 0
+    try:
+        while True:
+            outs = engine.step()
+            for out in outs:
+                o = out.outputs[0]
+                if o.delta_text:
+                    sys.stdout.write(o.delta_text)
+                    sys.stdout.flush()
+                    text.append(o.delta_text)
+                n = len(o.token_ids)
+                if out.finished:
+                    sys.stdout.write("\n")
+                    if verbose:
+                        m = out.metrics
+                        ttft = m.first_token_time - m.arrival_time
+                        gen = (m.finished_time - m.first_token_time) or 1e-9
+                        print(f"\nprompt: {len(ids)} tokens, first token {ttft * 1000:.0f} ms; "
+                              f"{n} tokens in {time.perf_counter() - t0:.2f} s, "
+                              f"{max(n - 1, 0) / gen:.1f} tokens/s decode", file=sys.stderr)
+                    return "".join(text)
+    except KeyboardInterrupt:
+        engine.abort_request(rid)
+        sys.stdout.write("\n")
+        return "".join(text)
+
+
+def _chat_loop(llm, params, verbose: bool) -> int:
+    messages: list[dict] = []
+    print(">>> Send a message (/bye or Ctrl-D to leave)", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/bye", "/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            reply = _stream(llm, messages, params, verbose)
+        except ValueError as e:  # e.g. the conversation outgrew the context
+            print(f"error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_plugins(args) -> int:
+    from ember.plugins import get_registry
+
+    infos = get_registry().all()
+    if args.json:
+        print(json.dumps([{"name": b.name, "distribution": b.distribution, "version": b.version,
+                           "device_type": b.device_type, "priority": b.priority,
+                           "available": b.usable, "reason": b.availability.reason, "error": b.error}
+                          for b in infos], indent=2))
+        return 0
+    if not infos:
+        print("no backend plugins installed (pip install 'ember[cpu]')")
+        return 0
+    rows = [("BACKEND", "VERSION", "DEVICE", "PRIORITY", "AVAILABLE", "REASON")]
+    for b in infos:
+        rows.append((b.name, f"{b.distribution} {b.version}", b.device_type or "-", str(b.priority),
+                     "yes" if b.usable else "no", b.availability.reason or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+    return 0
+
+
+def cmd_bench_throughput(args) -> int:
+    from ember.bench import throughput
+
+    path = _ensure_model(args.model)
+    result = throughput(_make_llm(args, path), args.num_seqs, args.input_len, args.output_len, seed=args.seed)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>16}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ember import __version__, store_cli
+
+    parser = argparse.ArgumentParser(prog="ember", description="Run LLMs locally, fast, on any hardware.")
+    parser.add_argument("--version", action="version", version=f"ember {__version__}")
+    parser.add_argument("--log-level", default="WARNING", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a model: answer a prompt, or chat when none is given")
+    p.add_argument("model", help="a model name (e.g. smollm2), a stored model or a .gguf path")
+    p.add_argument("prompt", nargs="*", help="the prompt; omit it to chat")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=_positive_int, default=None)
+    p.add_argument("--verbose", action="store_true", help="print timings")
+    _engine_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plugins", help="list backend plugins and whether they can run here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+    p = bsub.add_parser("throughput", help="offline throughput: N sequences of random prompts")
+    p.add_argument("--model", required=True)
+    p.add_argument("--num-seqs", type=_positive_int, default=64)
+    p.add_argument("--input-len", type=_positive_int, default=128)
+    p.add_argument("--output-len", type=_positive_int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    _engine_args(p)
+    p.set_defaults(func=cmd_bench_throughput)
+    bench.set_defaults(func=lambda a: (bench.print_help(), 2)[1])
+
+    store_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, LookupError, RuntimeError, OSError) as e:
+        # user-facing errors (bad model file, unknown model, no backend): a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        if args.log_level.upper() == "DEBUG":
+            raise
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
