@@ -90,7 +90,7 @@ class AttentionBackend(Protocol):
         q: "torch.Tensor",  # [num_tokens, num_heads, head_dim]
         k: "torch.Tensor",  # [num_tokens, num_kv_heads, head_dim]
         v: "torch.Tensor",
-        k_cache: "torch.Tensor",  # [num_blocks, block_size, num_kv_heads, head_dim]
+        k_cache: "torch.Tensor",  # one layer of the pool, as allocate_kv_cache laid it out
         v_cache: "torch.Tensor",
         meta: AttentionMetadata,
         scale: float,
@@ -126,8 +126,10 @@ class Backend(ABC):
 
     @abstractmethod
     def allocate_kv_cache(self, spec: KVCacheSpec) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
-        """Allocate the paged KV pool: one (k_cache, v_cache) pair per layer, each
-        [num_blocks, block_size, num_kv_heads, head_dim] on this backend's device."""
+        """Allocate the paged KV pool: one (k_cache, v_cache) pair per layer, holding
+        spec.num_blocks blocks of spec.block_size tokens. The layout inside is the backend's own:
+        only its attention kernels read and write it (the reference ops use
+        [num_blocks, block_size, num_kv_heads, head_dim])."""
 
     def available_kv_memory(self) -> int | None:
         """Bytes this device can give the KV cache after the weights; None: no limit known."""

@@ -48,8 +48,8 @@ class ModelConfig:
 @dataclass
 class CacheConfig:
     block_size: int = 16
-    # Bytes for the KV cache; the backend turns it into a number of blocks.
-    kv_cache_memory: int = 512 * 1024**2
+    # Bytes for the KV cache; None: what the backend offers (available_kv_memory), else 512 MiB.
+    kv_cache_memory: int | None = None
     num_blocks: int | None = None  # overrides kv_cache_memory when set (tests)
     enable_prefix_caching: bool = True
 

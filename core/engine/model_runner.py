@@ -36,19 +36,16 @@ class ModelRunner(ABC):
     eos_token_ids: set[int] = set()
 
 
+DEFAULT_KV_BYTES = 512 * 1024**2
+
+
 def kv_spec_for(cfg: ModelConfig, cache: CacheConfig, backend: Backend, itemsize: int = 4) -> KVCacheSpec:
     probe = KVCacheSpec(cfg.num_layers, 1, cache.block_size, cfg.num_kv_heads, cfg.head_dim,
                         backend.kv_cache_dtype())
-    if cache.num_blocks is not None:
-        num_blocks = cache.num_blocks
-    else:
-        budget = cache.kv_cache_memory
-        avail = backend.available_kv_memory()
-        if avail is not None:
-            budget = min(budget, avail)
-        num_blocks = budget // probe.bytes_per_block(itemsize)
+    budget = cache.kv_cache_memory or backend.available_kv_memory() or DEFAULT_KV_BYTES
+    num_blocks = cache.num_blocks if cache.num_blocks is not None else budget // probe.bytes_per_block(itemsize)
     if num_blocks < 1:
-        raise ValueError(f"the KV-cache budget ({cache.kv_cache_memory} bytes) is smaller than one block "
+        raise ValueError(f"the KV-cache budget ({budget} bytes) is smaller than one block "
                          f"({probe.bytes_per_block(itemsize)} bytes)")
     return KVCacheSpec(cfg.num_layers, num_blocks, cache.block_size, cfg.num_kv_heads, cfg.head_dim,
                        probe.dtype)

@@ -17,11 +17,3 @@ def ember_register_backends(register):
     ``device_type``, ``priority`` and the contract ``api_version`` it was written against.
     """
 
-
-@hookspec
-def ember_register_quant_methods(register):
-    """Register quantization methods: call ``register(QuantMethodSubclass)`` once for each.
-
-    A quant method (:class:`ember.quant.QuantMethod`) parses a checkpoint's quantization config
-    and names the weight formats it produces, so a backend can declare which it runs.
-    """

@@ -1,8 +1,14 @@
-"""Paged attention on the CPU with torch's scaled_dot_product_attention.
+"""Paged attention on the CPU.
 
-Decode rows (one new token each) are batched: their contexts are gathered from the block pool into
-one padded tensor and masked by length. Prefill chunks run one sequence at a time, each against its
-own cached context with a causal mask offset by what was already cached.
+The cache is head-major: values [kv_heads, num_blocks, block_size, head_dim] per layer, so a
+sequence's blocks for one head are whole contiguous rows and a gather is one index_select; keys
+[kv_heads, num_blocks, head_dim, block_size], each block transposed, which turns the C kernel's
+scores into plain vector FMAs over a block's slots (see csrc/paged_attention.c).
+
+Decode rows (one new token each) go to the C kernel in csrc/paged_attention.c, which reads each
+sequence's blocks in place; without a compiler they are gathered into one padded tensor and
+masked by length instead. Prefill chunks run one sequence at a time on torch's SDPA against their
+own cached context, with a causal mask offset by what was already cached.
 """
 from __future__ import annotations
 
@@ -10,45 +16,105 @@ import torch
 import torch.nn.functional as F
 
 from ember.backend import AttentionMetadata
-from ember.ops.reference import write_kv
+from ember_cpu_gguf import native
 
 
-def _gather(cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
-    # cache [nb, bs, h, d], tables [B, nblk] -> [B, h, length, d]
-    b = tables.shape[0]
-    g = cache[tables].reshape(b, -1, cache.shape[2], cache.shape[3])[:, :length]
-    return g.transpose(1, 2)
+def key_offsets(slot_mapping: torch.Tensor, head_dim: int, block_size: int) -> torch.Tensor:
+    """Flat offsets, within one head's keys, of every (token, dim) element: [tokens * head_dim]."""
+    block, slot = slot_mapping // block_size, slot_mapping % block_size
+    dims = torch.arange(head_dim) * block_size
+    return (block[:, None] * (head_dim * block_size) + dims[None, :] + slot[:, None]).reshape(-1)
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping, k_offsets=None) -> None:
+    h, nb, bs, d = v_cache.shape
+    v_cache.view(h, nb * bs, d).index_copy_(1, slot_mapping, v.transpose(0, 1))
+    if k_offsets is None:
+        k_offsets = key_offsets(slot_mapping, d, bs)
+    k_cache.view(h, -1).index_copy_(1, k_offsets, k.transpose(0, 1).reshape(h, -1))
+
+
+def _keys(flat_k: torch.Tensor, gather: torch.Tensor, b: int, kvh: int, d: int, bs: int) -> torch.Tensor:
+    """Gathered key blocks back in [b, kvh, length, d] order."""
+    return flat_k.index_select(0, gather).view(b, kvh, -1, d, bs).transpose(-1, -2).reshape(b, kvh, -1, d)
+
+
+class _Plan:
+    """Per-step index work shared by every layer."""
+
+    def __init__(self, meta: AttentionMetadata, num_kv_heads: int, num_blocks: int, head_dim: int):
+        bs = meta.block_size
+        self.k_offsets = key_offsets(meta.slot_mapping, head_dim, bs)
+        starts = meta.query_start_loc.tolist()
+        self.decode = [i for i, n in enumerate(meta.query_lens_list) if n == 1]
+        self.prefill = [i for i, n in enumerate(meta.query_lens_list) if n > 1]
+        self.all_decode = not self.prefill
+        heads = torch.arange(num_kv_heads)[:, None, None] * num_blocks
+        if self.decode:
+            idx = torch.tensor(self.decode, dtype=torch.long)
+            self.length = max(meta.seq_lens_list[i] for i in self.decode)
+            nblk = -(-self.length // bs)
+            tables = meta.block_tables[idx, :nblk].contiguous()  # [B, nblk]
+            self.tables, self.lens = tables, meta.seq_lens[idx].contiguous()
+            # row (b, h, j) of the gather is block tables[b, j] of head h
+            self.gather = (heads.transpose(0, 1) + tables[:, None, :]).reshape(-1)
+            self.rows = torch.tensor([starts[i] for i in self.decode], dtype=torch.long)
+            lens = meta.seq_lens[idx]
+            self.mask = (torch.arange(nblk * bs)[None, :] >= lens[:, None])[:, None, None, :]
+        self.prefill_plans = []
+        for i in self.prefill:
+            ctx, n, a = meta.seq_lens_list[i], meta.query_lens_list[i], starts[i]
+            nblk = -(-ctx // bs)
+            gather = (heads[:, :, 0] + meta.block_tables[i, :nblk][None, :]).reshape(-1)
+            self.prefill_plans.append((a, n, ctx, gather))
 
 
 class CpuPagedAttention:
+    def __init__(self, use_native: bool = True):
+        self._plan_for: AttentionMetadata | None = None
+        self._plan: _Plan | None = None
+        self.native_decode = native.paged_decode() if use_native else None
+
+    def plan(self, meta: AttentionMetadata, k_cache: torch.Tensor) -> _Plan:
+        if self._plan_for is not meta:
+            self._plan = _Plan(meta, k_cache.shape[0], k_cache.shape[1], k_cache.shape[2])
+            self._plan_for = meta
+        return self._plan
+
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        bs = meta.block_size
-        qlens, ctxs = meta.query_lens_list, meta.seq_lens_list
-        starts = meta.query_start_loc.tolist()
+        plan = self.plan(meta, k_cache)
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.k_offsets)
+        kvh, nb, bs, d = v_cache.shape
+        heads = q.shape[1]
+        group = heads // kvh
+        flat_k, flat_v = k_cache.view(kvh * nb, d, bs), v_cache.view(kvh * nb, bs, d)
         out = torch.empty_like(q)
-        decode = [i for i, n in enumerate(qlens) if n == 1]
-        if decode:
-            idx = torch.tensor(decode, dtype=torch.long)
-            length = max(ctxs[i] for i in decode)
-            tables = meta.block_tables[idx, : -(-length // bs)]
-            kk, vv = _gather(k_cache, tables, length), _gather(v_cache, tables, length)
-            rows = torch.tensor([starts[i] for i in decode], dtype=torch.long)
-            qq = q[rows].unsqueeze(2)  # [B, h, 1, d]
-            mask = torch.arange(length)[None, :] < meta.seq_lens[idx][:, None]
-            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask[:, None, None, :],
-                                               scale=scale, enable_gqa=True)
-            out[rows] = o.squeeze(2)
-        for i, n in enumerate(qlens):
-            if n == 1:
-                continue
-            ctx, a = ctxs[i], starts[i]
-            tables = meta.block_tables[i: i + 1, : -(-ctx // bs)]
-            kk, vv = _gather(k_cache, tables, ctx), _gather(v_cache, tables, ctx)
-            qq = q[a: a + n].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
+        if plan.decode and self.native_decode is not None:
+            qd = q.contiguous() if plan.all_decode else q.index_select(0, plan.rows)
+            o = out if plan.all_decode else torch.empty_like(qd)
+            rc = self.native_decode(qd.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), plan.tables.data_ptr(),
+                                    plan.tables.stride(0), plan.lens.data_ptr(), o.data_ptr(), len(plan.decode),
+                                    heads, kvh, d, nb, bs, scale, torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"paged decode attention failed (code {rc}: -1 out of memory, -2 block size > 64)")
+            if not plan.all_decode:
+                out.index_copy_(0, plan.rows, o)
+        elif plan.decode:
+            b = len(plan.decode)
+            kk = _keys(flat_k, plan.gather, b, kvh, d, bs)
+            vv = flat_v.index_select(0, plan.gather).view(b, kvh, -1, d)
+            qq = q.index_select(0, plan.rows).view(b, kvh, group, d)
+            scores = torch.matmul(qq, kk.transpose(-1, -2)).mul_(scale)
+            scores.masked_fill_(plan.mask, float("-inf"))
+            o = torch.matmul(scores.softmax(-1), vv)  # [b, kvh, group, d]
+            out.index_copy_(0, plan.rows, o.view(b, heads, d))
+        for a, n, ctx, gather in plan.prefill_plans:
+            kk = _keys(flat_k, gather, 1, kvh, d, bs)[:, :, :ctx]
+            vv = flat_v.index_select(0, gather).view(1, kvh, -1, d)[:, :, :ctx]
+            qq = q[a: a + n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, d]
             if n == ctx:
                 o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=True)
-            else:  # chunk after cached context: query j sits at ctx - n + j
+            else:  # a chunk after cached context: query j sits at position ctx - n + j
                 mask = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]
                 o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=True)
             out[a: a + n] = o[0].transpose(0, 1)

@@ -1,8 +1,9 @@
-"""The CPU backend: KV pool in host memory, paged attention on torch SDPA, GGUF linear layers."""
+"""The CPU backend: KV pool in host memory, paged attention over a head-major block pool, GGUF linear layers."""
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec
@@ -31,13 +32,24 @@ def physical_cores() -> int:
     return max(1, avail)
 
 
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2 * 1024**3
+
+
 class CpuGgufBackend(Backend):
     name = "cpu_gguf"
     device_type = "cpu"
     priority = 10
     quant_formats = GGUF_TYPES
     dtypes = ("float32",)
-    description = "CPU, GGUF weights (dequantized to float32), paged attention on torch SDPA"
+    description = "CPU, GGUF weights (dequantized to float32), paged attention over a head-major block pool"
 
     def __init__(self, options: BackendOptions | None = None):
         super().__init__(options)
@@ -53,9 +65,21 @@ class CpuGgufBackend(Backend):
     def availability(cls) -> Availability:
         return Availability.yes()  # a CPU is always there
 
+    def available_kv_memory(self) -> int:
+        """A third of the memory free now, at most 4 GiB: pages are only committed as the cache
+        fills (see allocate_kv_cache), so a generous pool costs nothing until it is used."""
+        return min(4 * 1024**3, _mem_available() // 3)
+
     def allocate_kv_cache(self, spec: KVCacheSpec):
-        shape = (spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        caches = [(torch.zeros(shape, dtype=torch.float32), torch.zeros(shape, dtype=torch.float32))
+        # head-major, keys transposed within each block: see attention.py
+        if spec.block_size > 64:
+            raise ValueError(f"cpu_gguf supports KV blocks of at most 64 tokens, got {spec.block_size}")
+        kshape = (spec.num_kv_heads, spec.num_blocks, spec.head_dim, spec.block_size)
+        vshape = (spec.num_kv_heads, spec.num_blocks, spec.block_size, spec.head_dim)
+        # numpy's zeros is calloc: zeroed pages the OS commits only when first written. Zeros
+        # matter: padded attention reads unused slots and multiplies them by 0, and 0 * NaN is NaN.
+        caches = [(torch.from_numpy(np.zeros(kshape, dtype=np.float32)),
+                   torch.from_numpy(np.zeros(vshape, dtype=np.float32)))
                   for _ in range(spec.num_layers)]
         self._kv_bytes = spec.bytes_per_block() * spec.num_blocks
         return caches
