@@ -1,6 +1,7 @@
 """The plugin contract: discovery through entry points, selection, failures reported not fatal."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib.metadata import EntryPoint
@@ -102,8 +103,10 @@ def test_ember_plugins_command_lists_backends():
 def third_party_site(tmp_path_factory):
     """The example distribution under tests/, pip-installed into its own directory."""
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / "third_party_backend"
+    shutil.copytree(HERE / "third_party_backend", source)  # builds leave build/ beside the source
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", "--target", str(target), str(HERE / "third_party_backend")],
+                    "--disable-pip-version-check", "--target", str(target), str(source)],
                    check=True, capture_output=True)
     return target
 
