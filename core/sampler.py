@@ -1,7 +1,8 @@
 """Batched token sampler with vLLM V1's semantics over a [B, V] logits tensor.
 
-Order (as vLLM V1): min_tokens mask -> repetition / frequency / presence penalties -> greedy rows
-take the argmax; the other rows go through temperature -> min_p -> top_k -> top_p -> a draw.
+Order (as vLLM V1): structured-output mask -> min_tokens mask -> repetition / frequency / presence
+penalties -> greedy rows take the argmax; the other rows go through temperature -> min_p -> top_k ->
+top_p -> a draw.
 Logprobs come from the raw logits, before any of that (vLLM's default "raw_logprobs").
 
 Batch invariance: every transform is row-local (no statistic crosses rows), and a seeded row's noise
@@ -33,6 +34,9 @@ class SamplingRow:
     # the request's draws are a function of its seed and step count only.
     generator: torch.Generator | None = None
     eos_token_ids: set[int] = field(default_factory=set)
+    # Structured output: a CPU bool tensor as wide as the logits, True where the grammar allows the
+    # token. None (every unstructured row) costs nothing.
+    allowed: Tensor | None = None
 
 
 @dataclass
@@ -52,7 +56,8 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         raw = logits.float()
-        x = apply_min_tokens(raw, rows)
+        x = apply_allowed(raw, rows)
+        x = apply_min_tokens(x, rows)
         x = apply_penalties(x, rows)
         tokens = self._choose(x, rows)
         logprobs, top = _logprobs(raw, tokens, rows)
@@ -100,6 +105,26 @@ class Sampler:
         return u.log_()
 
 
+def apply_allowed(x: Tensor, rows: list[SamplingRow]) -> Tensor:
+    """Structured output: -inf wherever a row's grammar forbids the token. Out of place, since
+    the raw logits still feed the logprobs."""
+    chosen = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if not chosen:
+        return x
+    if len(chosen) == 1:
+        allowed = rows[chosen[0]].allowed.unsqueeze(0)
+    else:
+        allowed = torch.stack([rows[i].allowed for i in chosen])
+    if allowed.shape[-1] != x.shape[-1]:
+        raise ValueError(f"allowed-token mask width {allowed.shape[-1]} != logits width {x.shape[-1]}")
+    allowed = allowed.to(x.device, non_blocking=True)
+    neg = torch.tensor(_NEG_INF, dtype=x.dtype, device=x.device)
+    if len(chosen) == len(rows):
+        return torch.where(allowed, x, neg)
+    idx = _index(chosen, x.device)
+    return x.index_put((idx,), torch.where(allowed, x[idx], neg))
+
+
 def apply_min_tokens(x: Tensor, rows: list[SamplingRow]) -> Tensor:
     """Forbid the tokens that would end the request before it has min_tokens outputs."""
     vocab = x.shape[-1]
@@ -114,12 +139,20 @@ def apply_min_tokens(x: Tensor, rows: list[SamplingRow]) -> Tensor:
             banned |= r.eos_token_ids
         # The model's vocabulary may be padded past the tokenizer's; ids beyond it cannot occur.
         cols = [t for t in banned if 0 <= t < vocab]
+        if r.allowed is not None and cols and not _allows_other(r.allowed, cols):
+            # A complete grammar output may only be followed by a stop token: the grammar wins
+            # over min_tokens rather than leaving the row with nothing to sample.
+            continue
         row_idx += [i] * len(cols)
         col_idx += cols
     if not row_idx:
         return x
     where = (_index(row_idx, x.device), _index(col_idx, x.device))
     return x.index_put(where, torch.tensor(_NEG_INF, dtype=x.dtype, device=x.device))
+
+
+def _allows_other(allowed: Tensor, cols: list[int]) -> bool:
+    return int(allowed.sum()) > int(allowed[cols].sum())
 
 
 def _has_penalty(r: SamplingRow) -> bool:
@@ -255,7 +288,8 @@ def _nucleus_cut(sorted_probs: Tensor, p: Tensor, vocab: int) -> tuple[Tensor, T
     # Exclusive prefix sums are monotone, so the kept positions are exactly a prefix; the first
     # token always stays (nothing precedes it and p > 0).
     mass_before = F.pad(sorted_probs.cumsum(dim=-1)[:, :-1], (1, 0))
-    keep = (mass_before < p).sum(dim=-1, keepdim=True)
+    # a p that rounds to 0 in float32 still keeps the most likely token
+    keep = (mass_before < p).sum(dim=-1, keepdim=True).clamp_min(1)
     width = sorted_probs.shape[-1]
     decided = (keep.squeeze(1) < width) | (width == vocab)
     return sorted_probs.gather(-1, keep - 1), decided

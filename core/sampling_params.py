@@ -5,6 +5,25 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class StructuredOutput:
+    """A constraint on the output's shape, enforced by masking tokens in the sampler.
+
+    Exactly one field is set: ``json_object`` (any JSON object), ``json_schema`` (a JSON Schema,
+    as a dict or a JSON string), ``regex``, or ``grammar`` (Lark syntax, as llguidance reads it).
+    """
+
+    json_object: bool = False
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [self.json_object, self.json_schema is not None, self.regex is not None, self.grammar is not None]
+        if sum(chosen) != 1:
+            raise ValueError("structured output takes exactly one of json_object, json_schema, regex, grammar")
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -23,6 +42,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top logprobs per sampled token (0: only the chosen)
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -37,8 +57,10 @@ class SamplingParams:
         def bad(msg: str) -> None:
             raise ValueError(msg)
 
-        if self.n < 1:
-            bad(f"n must be at least 1, got {self.n}")
+        if not 1 <= self.n <= 128:
+            bad(f"n must be in [1, 128], got {self.n}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            bad(f"seed must be a 64-bit signed integer, got {self.seed}")
         if not self.temperature >= 0.0:
             bad(f"temperature must be non-negative, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -47,8 +69,8 @@ class SamplingParams:
             bad(f"top_k must be -1 (off), 0 (off) or positive, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0.0:
-            bad(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if not 1e-3 <= self.repetition_penalty <= 1e3:
+            bad(f"repetition_penalty must be in [0.001, 1000], got {self.repetition_penalty}")
         if not -2.0 <= self.presence_penalty <= 2.0:
             bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:

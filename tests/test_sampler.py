@@ -27,11 +27,12 @@ def make_row(
     output: list[int] | None = None,
     seed: int | None = None,
     eos: set[int] | None = None,
+    allowed: torch.Tensor | None = None,
     **params,
 ) -> SamplingRow:
     sp = SamplingParams(seed=seed, **params)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    return SamplingRow(sp, list(prompt or []), list(output or []), gen, set(eos or ()))
+    return SamplingRow(sp, list(prompt or []), list(output or []), gen, set(eos or ()), allowed)
 
 
 def empirical(logits: list[float], n: int = 20000, seed: int = 0, **params) -> torch.Tensor:
@@ -318,3 +319,61 @@ def test_mixed_batch_matches_each_row_alone():
 def test_rejects_mismatched_rows():
     with pytest.raises(ValueError):
         Sampler()(torch.zeros(2, 5), [make_row()])
+
+
+def _only(ids: list[int], vocab: int) -> torch.Tensor:
+    mask = torch.zeros(vocab, dtype=torch.bool)
+    mask[ids] = True
+    return mask
+
+
+def test_allowed_mask_confines_each_row_to_its_own_tokens():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 200, generator=g) * 3
+    top = x.argmax(-1).tolist()
+    # the raw favourite is forbidden in rows 0 and 2; rows 1 and 3 have no mask
+    keep0 = [t for t in (7, 11, 150) if t != top[0]]
+    keep2 = [t for t in range(0, 200, 3) if t != top[2]]
+    specs = [dict(temperature=0.0, logprobs=1, allowed=_only(keep0, 200)), dict(temperature=0.0),
+             dict(seed=9, temperature=1.5, allowed=_only(keep2, 200)), dict(seed=10, temperature=1.5)]
+    batched = Sampler()(x, [make_row(**s) for s in specs])
+    assert batched.token_ids[0] == max(keep0, key=lambda t: x[0, t])
+    assert batched.token_ids[2] in keep2
+    for i, s in enumerate(specs):  # a mask changes its own row only
+        alone = Sampler()(x[i : i + 1], [make_row(**s)])
+        assert batched.token_ids[i] == alone.token_ids[0]
+    plain = Sampler()(x[1:2], [make_row(temperature=0.0)])
+    assert batched.token_ids[1] == plain.token_ids[0] == top[1]
+    # logprobs stay those of the raw logits, as vLLM reports them
+    lp = torch.log_softmax(x[0], -1)[batched.token_ids[0]].item()
+    assert batched.logprobs[0] == pytest.approx(lp, abs=1e-5)
+
+
+def test_sampled_rows_never_leave_the_mask():
+    keep = [1, 4, 9]
+    freq = empirical([0.0] * 12, n=3000, allowed=_only(keep, 12), temperature=1.0, top_p=0.9)
+    assert set(freq.nonzero().flatten().tolist()) == set(keep)
+
+
+def test_grammar_that_only_allows_eos_overrides_min_tokens():
+    x = torch.tensor([[5.0, 1.0, 0.0, 2.0]])
+    # a complete grammar output: only EOS (2) may follow, so min_tokens cannot hold it back
+    done = Sampler()(x, [make_row(temperature=0.0, eos={2}, min_tokens=3, allowed=_only([2], 4))])
+    assert done.token_ids == [2]
+    # while the grammar allows more, min_tokens still bans EOS
+    more = Sampler()(x, [make_row(temperature=0.0, eos={2}, min_tokens=3, allowed=_only([1, 2], 4))])
+    assert more.token_ids == [1]
+
+
+def test_mask_width_must_match_logits():
+    with pytest.raises(ValueError, match="width"):
+        Sampler()(torch.zeros(1, 5), [make_row(allowed=torch.ones(4, dtype=torch.bool))])
+
+
+def test_tiny_top_p_keeps_the_top_token():
+    # 5e-324 is a valid top_p that rounds to 0 in float32: it must act like greedy, not crash
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    row = SamplingRow(params=SamplingParams(temperature=1.0, top_p=5e-324), prompt_token_ids=[],
+                      output_token_ids=[])
+    for _ in range(5):
+        assert Sampler()(logits, [row]).token_ids == [1]

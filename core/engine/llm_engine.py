@@ -17,6 +17,9 @@ from ember.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+# stop_reason of a request whose grammar matcher failed inside the engine (finish_reason "stop").
+STRUCTURED_OUTPUT_ERROR = "structured_output_error"
+
 
 @dataclass
 class _SampleState:
@@ -123,9 +126,13 @@ class LLMEngine:
         if n + params.max_tokens > self.kv_capacity_tokens:
             raise ValueError(f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the KV cache "
                              f"({self.kv_capacity_tokens} tokens); raise --kv-cache-memory")
+        # Last of the checks, so a bad schema is reported before anything is queued, and the
+        # grammar is compiled only for a request that will otherwise run.
+        matchers = self._matchers(params) if params.structured is not None else [None] * params.n
         seqs, states = [], []
         for i in range(params.n):
-            seq = Sequence(request_id, list(ids), params, index=i, want_prompt_logits=want_prompt_logits and i == 0)
+            seq = Sequence(request_id, list(ids), params, index=i, want_prompt_logits=want_prompt_logits and i == 0,
+                           matcher=matchers[i])
             seqs.append(seq)
             states.append(_SampleState(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
                                        logprobs=[] if params.logprobs is not None else None,
@@ -136,6 +143,18 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = req
         return request_id
+
+    def _matchers(self, params: SamplingParams) -> list:
+        """One grammar matcher per sample; ValueError (llguidance's message) for a bad spec."""
+        from ember.sampling_params import StructuredOutput
+        from ember.structured import compiler_for
+
+        if not isinstance(params.structured, StructuredOutput):
+            raise ValueError(f"structured must be a StructuredOutput, got {type(params.structured).__name__}")
+        if not getattr(self.runner, "supports_structured_output", False):
+            raise ValueError(f"the {self.backend_info.name!r} backend does not support structured output")
+        compiler = compiler_for(self.tokenizer)
+        return [compiler.matcher(params.structured) for _ in range(params.n)]
 
     def abort_request(self, request_id: str) -> bool:
         req = self.requests.pop(request_id, None)
@@ -153,6 +172,7 @@ class LLMEngine:
     def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         self.runner.release(seq)
+        seq.matcher = None
 
     # --- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -197,7 +217,7 @@ class LLMEngine:
         n_out = len(seq.output_token_ids)
         prev_len = len(st.text)
         st.text += st.detok.step(tok)
-        reason, stop = None, None
+        reason, stop, grammar_error = None, None, None
         if tok in self.runner.eos_token_ids and not p.ignore_eos:
             reason = FinishReason.STOP
         elif tok in p.stop_token_ids:
@@ -206,13 +226,28 @@ class LLMEngine:
             pos, s = hit
             st.text = st.text[: pos + len(s) if p.include_stop_str_in_output else pos]
             reason, stop = FinishReason.STOP, s
+        elif seq.matcher is not None and self._grammar_ends(seq, tok):
+            # A complete output ends the request even at max_tokens (so "stop", not "length") and
+            # before min_tokens: nothing but EOS could follow it.
+            reason, grammar_error = FinishReason.STOP, seq.matcher.error
         elif n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             if stop is None:  # a stop string cut the text already; otherwise take what's held back
                 st.text += st.detok.flush()
+            if grammar_error is not None:
+                log.warning("request %s: structured output failed (%s); finishing it", req.request_id,
+                            grammar_error)
+                stop = STRUCTURED_OUTPUT_ERROR
             seq.finish_reason, seq.stop_reason = reason, stop
             self._release(seq)
+
+    @staticmethod
+    def _grammar_ends(seq: Sequence, tok: int) -> bool:
+        """Advance the sequence's grammar by its new token (exactly once per appended token, never
+        on recompute); True when the output is complete or the matcher has failed."""
+        m = seq.matcher
+        return not m.advance(tok) or m.is_finished()
 
     @staticmethod
     def _find_stop(text: str, prev_len: int, stops: list[str]):

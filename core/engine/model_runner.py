@@ -34,9 +34,24 @@ class ModelRunner(ABC):
         """Forget per-sequence state (its RNG) once it is finished or aborted."""
 
     eos_token_ids: set[int] = set()
+    # Whether execute() applies Sequence.matcher's token masks; the engine refuses structured
+    # requests on a runner that would silently ignore them.
+    supports_structured_output: bool = False
 
 
 DEFAULT_KV_BYTES = 512 * 1024**2
+
+
+def structured_masks(seqs: list[Sequence], width: int) -> torch.Tensor:
+    """[len(seqs), width] bool: each sequence's grammar-allowed next tokens (CPU). For any runner
+    that wants to honour Sequence.matcher."""
+    import numpy as np
+
+    # numpy, not torch.zeros: a single-threaded fill does not wait on torch's intra-op threads
+    masks = np.zeros((len(seqs), width), dtype=np.bool_)
+    for k, seq in enumerate(seqs):
+        seq.matcher.fill_mask(masks[k])
+    return torch.from_numpy(masks)
 
 
 def kv_spec_for(cfg: ModelConfig, cache: CacheConfig, backend: Backend, itemsize: int = 4) -> KVCacheSpec:
@@ -53,6 +68,8 @@ def kv_spec_for(cfg: ModelConfig, cache: CacheConfig, backend: Backend, itemsize
 
 class TorchModelRunner(ModelRunner):
     """Drives the core's torch model with a backend's kernels and KV allocator."""
+
+    supports_structured_output = True
 
     def __init__(self, backend: Backend, cfg: ModelConfig, weights, cache: CacheConfig,
                  max_positions: int | None = None):
@@ -141,6 +158,13 @@ class TorchModelRunner(ModelRunner):
                             output_token_ids=s.seq.output_token_ids, generator=self._generator(s.seq),
                             eos_token_ids=self.eos_token_ids)
                 for _, s in sampling]
+        # After the logits are queued, so on an asynchronous device the grammar work overlaps the
+        # forward pass; a batch with no structured row never gets here past the list test.
+        structured = [j for j, (_, s) in enumerate(sampling) if s.seq.matcher is not None]
+        if structured:
+            masks = structured_masks([sampling[j][1].seq for j in structured], logits.shape[-1])
+            for k, j in enumerate(structured):
+                rows[j].allowed = masks[k]
         out = self.sampler(logits.float(), rows)
         results = {}
         for j, (_, s) in enumerate(sampling):

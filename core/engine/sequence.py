@@ -42,6 +42,9 @@ class Sequence:
     want_prompt_logits: bool = False
     prompt_logits: Any = None
     num_preemptions: int = 0
+    # Structured output: the grammar matcher (ember.structured.StructuredMatcher), advanced by the
+    # engine once per appended token and only then, so recomputing after preemption leaves it be.
+    matcher: Any = None
 
     @property
     def token_ids(self) -> list[int]:
