@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import numbers
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -189,6 +190,24 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a token stands for (a byte-level piece may be part of a character).
+        Special tokens give their literal text; ids past the vocabulary give b""."""
+        if not 0 <= token_id < len(self._tokens):
+            return b""
+        piece = self._tokens[token_id]
+        if token_id in self._special:
+            return piece.encode()
+        if isinstance(self._backend.decoder, decoders.ByteLevel):
+            unbyte = _byte_alphabet_inverse()
+            try:
+                return bytes(unbyte[c] for c in piece)
+            except KeyError:  # an added token, kept as literal text
+                return piece.encode()
+        if m := _BYTE_TOKEN.fullmatch(piece):
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
+
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special
 
@@ -325,6 +344,14 @@ def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int]
                 ranked.append((-scores[i], i, cut, left, right))
     ranked.sort()
     return [(left, right) for *_, left, right in ranked]
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.cache
+def _byte_alphabet_inverse() -> dict[str, int]:
+    return {c: b for b, c in _byte_alphabet().items()}
 
 
 @functools.cache
