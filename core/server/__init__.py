@@ -1,0 +1,1 @@
+"""The bundled HTTP server: OpenAI and Ollama APIs over one AsyncEngine (needs the `serve` extra)."""

@@ -1,0 +1,60 @@
+"""Build and run the server: ``ember serve MODEL``."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import uvicorn
+
+from ember.engine.async_engine import AsyncEngine
+from ember.server.app import DEFAULT_MAX_BODY, create_app
+from ember.server.metrics import EngineMetrics
+
+
+def build_app(llm, model_name: str, *, api_key: str | None = None, max_waiting: int = 512,
+              max_body_bytes: int = DEFAULT_MAX_BODY, store=None):
+    metrics = EngineMetrics(model_name)
+    engine = AsyncEngine(llm.engine, max_waiting=max_waiting, model_name=model_name, metrics=metrics)
+    return create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes, store=store)
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    logging.getLogger("ember.access").setLevel(logging.INFO)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                timeout_graceful_shutdown=30)
+
+
+class BackgroundServer:
+    """A uvicorn server on a thread of this process (tests, `ember run` fallbacks)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    access_log=False, timeout_graceful_shutdown=10))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def api_key_from_env(cli_value: str | None) -> str | None:
+    return cli_value or os.environ.get("EMBER_API_KEY") or None
