@@ -32,7 +32,7 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 try:
     import fcntl
@@ -50,6 +50,7 @@ __all__ = [
     "ModelNotFound",
     "ModelStore",
     "PipSource",
+    "ProgressCallback",
     "PullError",
     "Source",
     "StoreError",
@@ -148,18 +149,27 @@ def default_root() -> Path:
 # sources
 
 
+ProgressCallback = Callable[[str, int, int | None], None]
+
+
 class _Sink:
     """Destination of a fetch: counts and hashes the bytes on their way to disk."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, on_progress: ProgressCallback | None = None,
+                 total: int | None = None) -> None:
         self._f = f
         self.sha256 = hashlib.sha256()
         self.size = 0
+        # Sources learn the length only once they open the stream (_copy_stream sets it).
+        self.total = total
+        self._on_progress = on_progress
 
     def write(self, data: bytes) -> int:
         self._f.write(data)
         self.sha256.update(data)
         self.size += len(data)
+        if self._on_progress is not None:
+            self._on_progress("downloading", self.size, self.total)
         return len(data)
 
 
@@ -180,6 +190,8 @@ def _progress_bar(total: int | None, desc: str, enabled: bool):
 
 
 def _copy_stream(src: BinaryIO, out: _Sink, total: int | None, desc: str, progress: bool) -> None:
+    if total is not None:
+        out.total = out.size + total
     with _progress_bar(total, desc, progress) as bar:
         while True:
             chunk = src.read(CHUNK)
@@ -576,12 +588,18 @@ class ModelStore:
         # A name outside the catalogue is fine if it was pulled before (from a file or the hub).
         return name or spec, None
 
-    def pull(self, spec: str | os.PathLike, progress: bool = True, *, name: str | None = None) -> Path:
+    def pull(self, spec: str | os.PathLike, progress: bool = True, *, name: str | None = None,
+             on_progress: ProgressCallback | None = None) -> Path:
         """Make `spec` available locally and return the path of its model.gguf.
 
         `spec` is a catalogue name (`smollm2`), a local .gguf path, or `hf:OWNER/REPO/FILE.gguf`;
         `name` overrides the name it is stored under. A model already present is returned
-        without fetching anything."""
+        without fetching anything.
+
+        `on_progress(phase, completed, total)` is called on the pulling thread: phase
+        "downloading" as bytes arrive (`total` None while unknown), then "verifying" and
+        "writing manifest" with the final size. An exception it raises aborts the pull, which
+        then leaves nothing behind (how a server cancels the pull of a client that left)."""
         target, source = self._plan(spec, name)
         base, tag = self._canonical(target)
         present = self._present(base, tag)
@@ -599,20 +617,23 @@ class ModelStore:
             if present is not None:
                 return present
             self._sweep_stale(base)
-            return self._install(base, tag, source, progress)
+            return self._install(base, tag, source, progress, on_progress)
 
-    def _install(self, base: str, tag: str, source: Source, progress: bool) -> Path:
+    def _install(self, base: str, tag: str, source: Source, progress: bool,
+                 on_progress: ProgressCallback | None = None) -> Path:
         final = self._model_dir(base, tag)
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{base}@{tag}-", dir=self.root))
         parent_existed = final.parent.exists()
         try:
             tmp_model = staging / MODEL_FILE
             with open(tmp_model, "wb") as f:
-                sink = _Sink(f)
+                sink = _Sink(f, on_progress, source.size)
                 declared = source.fetch(sink, progress=progress, workdir=staging) or {}
                 f.flush()
                 os.fsync(f.fileno())
             sha256 = sink.sha256.hexdigest()
+            if on_progress is not None:
+                on_progress("verifying", sink.size, sink.size)
             self._verify(tmp_model, sink.size, sha256, source, declared)
             manifest = {
                 "version": MANIFEST_VERSION,
@@ -623,6 +644,8 @@ class ModelStore:
                 "pulled_at": _now_iso(),
                 "format": "gguf",
             }
+            if on_progress is not None:
+                on_progress("writing manifest", sink.size, sink.size)
             # Written last: its presence is what makes a directory a model.
             tmp_manifest = staging / (MANIFEST_FILE + ".tmp")
             with open(tmp_manifest, "w") as f:
