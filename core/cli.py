@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -58,8 +59,72 @@ def _ensure_model(name: str):
         return store.pull(name, progress=True)
 
 
+DEFAULT_HOST = "127.0.0.1:8000"
+
+
+def _server_url(host: str | None = None) -> str:
+    host = host or os.environ.get("EMBER_HOST") or DEFAULT_HOST
+    return host if host.startswith(("http://", "https://")) else f"http://{host}"
+
+
+def _running_server(model: str):
+    """The URL of a running ember server that serves `model`, or None (like `ollama run`)."""
+    try:
+        import httpx
+    except ImportError:
+        return None
+    url = _server_url()
+    headers = _auth_headers()
+    try:
+        r = httpx.get(f"{url}/v1/models", timeout=0.5, headers=headers)
+        served = {m["id"] for m in r.json().get("data", [])} if r.status_code == 200 else set()
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+    return url if model in served else None
+
+
+def _auth_headers() -> dict:
+    key = os.environ.get("EMBER_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _stream_from_server(url: str, model: str, messages: list[dict], args) -> str:
+    import httpx
+
+    options = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    if args.seed is not None:
+        options["seed"] = args.seed
+    if args.max_tokens:
+        options["num_predict"] = args.max_tokens
+    body = {"model": model, "messages": messages, "stream": True, "options": options}
+    text = []
+    with httpx.stream("POST", f"{url}/api/chat", json=body, timeout=None, headers=_auth_headers()) as r:
+        if r.status_code != 200:
+            r.read()
+            raise RuntimeError(f"server error {r.status_code}: {r.text}")
+        for line in r.iter_lines():
+            if not line:
+                continue
+            chunk = json.loads(line)
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            piece = chunk.get("message", {}).get("content", "")
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            text.append(piece)
+    sys.stdout.write("\n")
+    return "".join(text)
+
+
 def cmd_run(args) -> int:
     from ember.sampling_params import SamplingParams
+
+    url = None if args.no_server else _running_server(args.model)
+    if url is not None:
+        if args.prompt:
+            _stream_from_server(url, args.model, [{"role": "user", "content": " ".join(args.prompt)}], args)
+            return 0
+        return _chat_loop(lambda msgs: _stream_from_server(url, args.model, msgs, args))
 
     path = _ensure_model(args.model)
     llm = _make_llm(args, path)
@@ -69,7 +134,7 @@ def cmd_run(args) -> int:
         text = " ".join(args.prompt)
         _stream(llm, [{"role": "user", "content": text}], SamplingParams(**params), args.verbose)
         return 0
-    return _chat_loop(llm, SamplingParams(**params), args.verbose)
+    return _chat_loop(lambda msgs: _stream(llm, msgs, SamplingParams(**params), args.verbose))
 
 
 def _stream(llm, messages, params, verbose: bool) -> str:
@@ -106,7 +171,7 @@ def _stream(llm, messages, params, verbose: bool) -> str:
         return "".join(text)
 
 
-def _chat_loop(llm, params, verbose: bool) -> int:
+def _chat_loop(reply_to) -> int:
     messages: list[dict] = []
     print(">>> Send a message (/bye or Ctrl-D to leave)", file=sys.stderr)
     while True:
@@ -124,12 +189,50 @@ def _chat_loop(llm, params, verbose: bool) -> int:
             continue
         messages.append({"role": "user", "content": line})
         try:
-            reply = _stream(llm, messages, params, verbose)
-        except ValueError as e:  # e.g. the conversation outgrew the context
+            reply = reply_to(messages)
+        except (ValueError, RuntimeError) as e:  # e.g. the conversation outgrew the context
             print(f"error: {e}", file=sys.stderr)
             messages.pop()
             continue
         messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_serve(args) -> int:
+    try:
+        from ember.server.serve import api_key_from_env, build_app, serve
+    except ImportError as e:
+        print(f"error: the server needs the serve extra (pip install 'ember[serve]'): {e}", file=sys.stderr)
+        return 1
+    from ember.store import ModelStore
+
+    path = _ensure_model(args.model)
+    llm = _make_llm(args, path)
+    name = args.served_model_name or (args.model if not os.path.exists(args.model) else path.stem)
+    app = build_app(llm, name, api_key=api_key_from_env(args.api_key), max_waiting=args.max_waiting,
+                    max_body_bytes=args.max_body_bytes, store=ModelStore())
+    print(f"ember serving {name} ({llm.engine.backend_info.name}) on http://{args.host}:{args.port} "
+          f"(OpenAI API under /v1, Ollama API under /api)", file=sys.stderr)
+    serve(app, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_ps(args) -> int:
+    import httpx
+
+    url = _server_url(args.host)
+    try:
+        r = httpx.get(f"{url}/api/ps", timeout=2, headers=_auth_headers())
+        r.raise_for_status()
+    except httpx.HTTPError as e:
+        print(f"no ember server answering at {url} ({e})", file=sys.stderr)
+        return 1
+    models = r.json().get("models", [])
+    print(f"{'NAME':<24}{'SIZE':>10}  {'CONTEXT':>8}  PROCESSOR")
+    for m in models:
+        size = m.get("size", 0)
+        print(f"{m.get('name', '?'):<24}{size / 1e6:>8.0f} MB  {m.get('context_length', '-'):>8}  "
+              f"{m.get('processor', 'cpu')}")
+    return 0
 
 
 def cmd_plugins(args) -> int:
@@ -185,8 +288,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-tokens", type=_positive_int, default=None)
     p.add_argument("--verbose", action="store_true", help="print timings")
+    p.add_argument("--no-server", action="store_true", help="run in this process even if a server is up")
     _engine_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="serve a model over the OpenAI and Ollama HTTP APIs")
+    p.add_argument("model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_positive_int, default=8000,
+                   help="one port for both APIs (default 8000; use 11434 for Ollama clients' default)")
+    p.add_argument("--api-key", default=None, help="require this Bearer token (or set EMBER_API_KEY)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--max-waiting", type=_positive_int, default=512,
+                   help="requests allowed to wait; past it, 503 with Retry-After")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=4 * 1024 * 1024)
+    _engine_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ps", help="models loaded by a running server")
+    p.add_argument("--host", default=None, help=f"server address (default $EMBER_HOST or {DEFAULT_HOST})")
+    p.set_defaults(func=cmd_ps)
 
     p = sub.add_parser("plugins", help="list backend plugins and whether they can run here")
     p.add_argument("--json", action="store_true")

@@ -48,3 +48,26 @@ PROMPTS = [
     "Explain recursion to a five-year-old.",
     "List the planets of the solar system in order.",
 ]
+
+
+@pytest.fixture(scope="session")
+def server(smollm2_gguf):
+    """A real uvicorn server on loopback serving SmolLM2 through both APIs; yields its base URL.
+    The tests that use it share one engine, as clients of one server do."""
+    pytest.importorskip("fastapi")
+    from ember.llm import LLM
+    from ember.server.serve import BackgroundServer, build_app
+
+    llm = LLM(str(smollm2_gguf), max_model_len=2048)
+    app = build_app(llm, "smollm2")
+    with BackgroundServer(app) as srv:
+        srv.app = app
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(smollm2_gguf, tmp_path_factory):
+    """A 2-layer random-weight llama with SmolLM2's tokenizer: an engine in a second."""
+    from tiny_model import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", smollm2_gguf)
