@@ -192,3 +192,19 @@ def test_disconnected_streams_free_their_kv_blocks(server):
     assert usage == 0.0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_ember_run_and_ps_use_a_running_server(tiny_llm, monkeypatch, capsys):
+    from ember import cli
+
+    with BackgroundServer(build_app(tiny_llm, "tiny")) as srv:
+        monkeypatch.setenv("EMBER_HOST", srv.url)
+        assert cli._running_server("tiny") == srv.url
+        assert cli._running_server("not-served") is None
+        assert cli.main(["run", "tiny", "Say", "hi", "--max-tokens", "5", "--temperature", "0"]) == 0
+        out = capsys.readouterr().out
+        assert out.strip()  # streamed from the server: the tiny model is not in the store
+        assert cli.main(["ps"]) == 0
+        assert "tiny" in capsys.readouterr().out
+    monkeypatch.setenv("EMBER_HOST", "127.0.0.1:9")  # nothing listens there
+    assert cli._running_server("tiny") is None
