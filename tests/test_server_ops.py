@@ -208,3 +208,14 @@ def test_ember_run_and_ps_use_a_running_server(tiny_llm, monkeypatch, capsys):
         assert "tiny" in capsys.readouterr().out
     monkeypatch.setenv("EMBER_HOST", "127.0.0.1:9")  # nothing listens there
     assert cli._running_server("tiny") is None
+
+
+def test_json_body_without_json_content_type(tiny_llm):
+    # `curl URL -d '{...}'`, as Ollama's docs write it, sends form-encoded headers
+    with BackgroundServer(build_app(tiny_llm, "tiny")) as srv:
+        body = '{"model": "tiny", "prompt": "hi", "stream": false, "options": {"num_predict": 3}}'
+        r = httpx.post(f"{srv.url}/api/generate", content=body,
+                       headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 200 and r.json()["done"] is True
+        r = httpx.post(f"{srv.url}/v1/completions", content='{"model": "tiny", "prompt": "hi", "max_tokens": 2}')
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None

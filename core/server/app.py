@@ -52,6 +52,11 @@ class Guard:
         t0 = time.perf_counter()
         path = scope["path"]
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if scope["method"] == "POST" and not headers.get(b"content-type", b"").startswith(b"application/json"):
+            # Ollama's own examples post JSON with `curl -d`, i.e. as form data: the body is JSON
+            # whatever the header says, as Ollama's server reads it
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
         rid = (headers.get(b"x-request-id") or uuid.uuid4().hex[:16].encode())[:64]
         status = {"code": 500}
 
