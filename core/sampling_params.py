@@ -1,7 +1,7 @@
 """What a request asks of the sampler, validated up front so a bad value fails before it queues."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass

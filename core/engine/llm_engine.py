@@ -10,7 +10,7 @@ from ember.backend import BackendOptions
 from ember.config import EngineConfig
 from ember.engine.block_manager import BlockManager
 from ember.engine.scheduler import Scheduler
-from ember.engine.sequence import FinishReason, Sequence, Status
+from ember.engine.sequence import FinishReason, Sequence
 from ember.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ember.plugins import BackendUnavailable, get_registry
 from ember.sampling_params import SamplingParams
