@@ -8,7 +8,7 @@ import torch
 
 from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec
 from ember_cpu_gguf.attention import CpuPagedAttention
-from ember_cpu_gguf.linear import DenseEmbedding, DenseLinear
+from ember_cpu_gguf.linear import DenseLinear, QuantizedEmbedding
 
 GGUF_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                         "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})
@@ -94,4 +94,4 @@ class CpuGgufBackend(Backend):
         return DenseLinear(weights, biases)
 
     def create_embedding(self, weight):
-        return DenseEmbedding(weight)
+        return QuantizedEmbedding(weight)

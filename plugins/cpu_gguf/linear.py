@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ember.gguf import quants
+
 PACK_HINT_ROWS = 64  # the batch size MKL tunes its packing for; any row count works
 
 
@@ -40,9 +42,16 @@ class DenseLinear:
         return y.view(*x.shape[:-1], self.out_features)
 
 
-class DenseEmbedding:
+class QuantizedEmbedding:
+    """The embedding table stays as the file has it (a view of the mapped file); only the rows a
+    step looks up are dequantized, with the same reference code, so the values are identical."""
+
     def __init__(self, weight):
-        self.weight = weight.dequantize()
+        self.weight = weight
+        self.vocab, self.dim = weight.shape
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        flat = ids.reshape(-1)
+        rows = self.weight.data[flat.numpy()]
+        out = quants.dequantize(rows, self.weight.qtype, (flat.numel(), self.dim))
+        return out.view(*ids.shape, self.dim)
