@@ -369,9 +369,21 @@ def _sse_error(e: BaseException) -> str:
     return _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": 500}})
 
 
-def _stream(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
+def _stream(gen: "_Generation", events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(_sse_events(gen, events), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _sse_events(gen: "_Generation", events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The SSE stream around a response's chunks: errors said in-stream, then [DONE]."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:  # the response has begun: all we can do is say so in the stream
+        yield _sse_error(e)
+    finally:
+        gen.close()
+    yield "data: [DONE]\n\n"
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
@@ -454,7 +466,7 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(_completion_events(gen, ctx, pieces, echoed, include_usage))
+        return _stream(gen, _completion_events(gen, ctx, pieces, echoed, include_usage))
 
     tally = _Tally(len(prompts))
     final: dict[int, tuple[RequestOutput, CompletionOutput]] = {}
@@ -490,35 +502,29 @@ async def _completion_events(gen: _Generation, ctx: _Ctx, pieces, echoed, includ
             obj["usage"] = usage
         return _sse(obj)
 
-    try:
-        async for p, out in gen.outputs():
-            for o in out.outputs:
-                index = p * ctx.n + o.index
-                if index in done:
-                    continue
-                tally.see(p, out, index, o)
-                text = o.delta_text
-                if index not in offsets:
-                    text = echoed(out) + text
-                    offsets[index] = len(text) - len(o.delta_text)
-                lp = None
-                if pieces is not None:
-                    a, b = _new_tokens(o)
-                    lp = _completion_logprobs(pieces, o.token_ids[a:b], (o.logprobs or [])[a:b],
-                                              (o.top_logprobs or [])[a:b], offsets[index])
-                    offsets[index] += sum(len(t) for t in lp["tokens"])
-                if o.finished:
-                    done.add(index)
-                if text or o.finished or (lp and lp["tokens"]):
-                    yield chunk([{"index": index, "text": text, "logprobs": lp,
-                                  "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}])
-        if include_usage:
-            yield chunk([], tally.usage())
-    except Exception as e:  # the response has begun: all we can do is say so in the stream
-        yield _sse_error(e)
-    finally:
-        gen.close()
-    yield "data: [DONE]\n\n"
+    async for p, out in gen.outputs():
+        for o in out.outputs:
+            index = p * ctx.n + o.index
+            if index in done:
+                continue
+            tally.see(p, out, index, o)
+            text = o.delta_text
+            if index not in offsets:
+                text = echoed(out) + text
+                offsets[index] = len(text) - len(o.delta_text)
+            lp = None
+            if pieces is not None:
+                a, b = _new_tokens(o)
+                lp = _completion_logprobs(pieces, o.token_ids[a:b], (o.logprobs or [])[a:b],
+                                          (o.top_logprobs or [])[a:b], offsets[index])
+                offsets[index] += sum(len(t) for t in lp["tokens"])
+            if o.finished:
+                done.add(index)
+            if text or o.finished or (lp and lp["tokens"]):
+                yield chunk([{"index": index, "text": text, "logprobs": lp,
+                              "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}])
+    if include_usage:
+        yield chunk([], tally.usage())
 
 
 # --- /v1/chat/completions ----------------------------------------------------------------------
@@ -574,7 +580,7 @@ async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(_chat_events(gen, ctx, pieces, include_usage))
+        return _stream(gen, _chat_events(gen, ctx, pieces, include_usage))
 
     tally = _Tally(1)
     final: dict[int, CompletionOutput] = {}
@@ -606,30 +612,24 @@ async def _chat_events(gen: _Generation, ctx: _Ctx, pieces, include_usage: bool)
             obj["usage"] = usage
         return _sse(obj)
 
-    try:
-        for index in range(ctx.n):
-            yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
-        async for p, out in gen.outputs():
-            for o in out.outputs:
-                if o.index in done:
-                    continue
-                tally.see(p, out, o.index, o)
-                lp = None
-                if pieces is not None:
-                    a, b = _new_tokens(o)
-                    lp = _chat_logprobs(pieces, o.token_ids[a:b], (o.logprobs or [])[a:b],
-                                        (o.top_logprobs or [])[a:b])
-                if o.finished:
-                    done.add(o.index)
-                if o.delta_text or o.finished or (lp and lp["content"]):
-                    delta = {"content": o.delta_text} if o.delta_text else {}
-                    yield chunk([{"index": o.index, "delta": delta, "logprobs": lp,
-                                  "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}])
-        if include_usage:
-            yield chunk([], tally.usage())
-    except Exception as e:  # the response has begun: all we can do is say so in the stream
-        yield _sse_error(e)
-    finally:
-        gen.close()
-    yield "data: [DONE]\n\n"
+    for index in range(ctx.n):
+        yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    async for p, out in gen.outputs():
+        for o in out.outputs:
+            if o.index in done:
+                continue
+            tally.see(p, out, o.index, o)
+            lp = None
+            if pieces is not None:
+                a, b = _new_tokens(o)
+                lp = _chat_logprobs(pieces, o.token_ids[a:b], (o.logprobs or [])[a:b],
+                                    (o.top_logprobs or [])[a:b])
+            if o.finished:
+                done.add(o.index)
+            if o.delta_text or o.finished or (lp and lp["content"]):
+                delta = {"content": o.delta_text} if o.delta_text else {}
+                yield chunk([{"index": o.index, "delta": delta, "logprobs": lp,
+                              "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}])
+    if include_usage:
+        yield chunk([], tally.usage())
