@@ -41,7 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -318,26 +318,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, log: Path | None = None) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"server exited with code {proc.returncode} during startup\n{tail}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, OSError):
-            pass
-        time.sleep(0.5)
-    stop(proc)
-    raise TimeoutError(f"server not healthy at {url} after {timeout}s")
-
-
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -354,10 +334,16 @@ def ember_bin() -> str:
 
 
 def start_ember(model: str, threads: int, port: int, log: Path, extra_args: list[str]) -> subprocess.Popen:
+    import llamacpp
+
     cmd = [ember_bin(), "serve", model, "--port", str(port), "--threads", str(threads), *extra_args]
     print(f"$ {' '.join(cmd)}", file=sys.stderr)
     proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-    wait_healthy(proc, f"http://127.0.0.1:{port}/health", timeout=600, log=log)
+    try:
+        llamacpp.wait_healthy(proc, f"http://127.0.0.1:{port}/health", timeout=600, log=log)
+    except (RuntimeError, TimeoutError):
+        stop(proc)
+        raise
     return proc
 
 

@@ -76,20 +76,6 @@ Build it (CPU only, 5-10 min on 2 cores) from the llama-cpp-python sdist on the 
 
     benchmarks/build_llamacpp.sh /work/llama.cpp-build
 
-or by hand:
-
-    pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/llamacpp
-    mkdir -p /work/llama.cpp-build/src
-    tar -xzf /tmp/llamacpp/llama_cpp_python-*.tar.gz -C /work/llama.cpp-build/src
-    nice -n 10 cmake -S /work/llama.cpp-build/src/llama_cpp_python-*/vendor/llama.cpp \\
-        -B /work/llama.cpp-build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \\
-        -DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \\
-        -DCMAKE_CXX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \\
-        -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \\
-        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF
-    nice -n 10 cmake --build /work/llama.cpp-build --config Release -j 2 \\
-        --target llama-bench llama-batched-bench llama-server llama-cli llama-simple
-
 then set LLAMA_CPP_BIN=/work/llama.cpp-build/bin if you built elsewhere.
 (Alternatively `pip install llama-cpp-python` gives decode/prefill/server fallbacks, not batched.)
 See benchmarks/README_llamacpp.md."""
@@ -408,11 +394,13 @@ def bench_batched(
 # --------------------------------------------------------------------------- llama-server
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, log: Path | None = None) -> None:
+    """Wait until `url` answers 200; fail early (with the log's tail) if the server exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"llama server exited with code {proc.returncode} during startup")
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"server exited with code {proc.returncode} during startup\n{tail}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -421,7 +409,7 @@ def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
             pass
         time.sleep(0.25)
     proc.terminate()
-    raise TimeoutError(f"llama server not healthy at {url} after {timeout}s")
+    raise TimeoutError(f"server not healthy at {url} after {timeout}s")
 
 
 def start_server(
@@ -465,7 +453,7 @@ def start_server(
     if wait:
         # llama-cpp-python's server has no /health; /v1/models answers once it is up.
         path = "/health" if tool is not None else "/v1/models"
-        _wait_healthy(proc, f"http://{host}:{port}{path}", timeout)
+        wait_healthy(proc, f"http://{host}:{port}{path}", timeout)
     return proc
 
 
