@@ -112,7 +112,7 @@ class GrammarCompiler:
             # The tokenizers JSON carries the byte-level/SentencePiece details llguidance needs to
             # know each token's bytes; every stop token counts as EOS, as it does for the engine.
             self.ll_tokenizer = llg.LLTokenizer(
-                tokenizer._backend.to_str(), n_vocab=tokenizer.vocab_size,
+                tokenizer.to_json(), n_vocab=tokenizer.vocab_size,
                 eos_token=self.stop_ids or None)
         except Exception as e:
             raise InvalidStructuredOutput(

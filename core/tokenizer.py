@@ -190,6 +190,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def to_json(self) -> str:
+        """The `tokenizers` library's JSON for this tokenizer (what grammar engines read)."""
+        return self._backend.to_str()
+
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes a token stands for (a byte-level piece may be part of a character).
         Special tokens give their literal text; ids past the vocabulary give b""."""
