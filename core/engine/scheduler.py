@@ -117,8 +117,7 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
-        out.preempted.append(seq)
-        out.scheduled = [s for s in out.scheduled if s.seq is not seq]
+        out.preempted.append(seq)  # never one already scheduled: victims come from the tail
 
     def update(self, out: SchedulerOutput) -> None:
         """After the step ran: advance progress and register newly full blocks for reuse."""
