@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ember.config import CacheConfig, ModelConfig
     from ember.engine.model_runner import ModelRunner
     from ember.gguf.loader import QuantWeight
+    from ember.ops.layer_ops import LayerOps
 
 # Bumped on any incompatible change to this module's classes. A plugin declares the version it was
 # written for; the manager refuses (and reports) plugins whose major version differs.
@@ -153,6 +154,14 @@ class Backend(ABC):
     @abstractmethod
     def create_embedding(self, weight: "QuantWeight") -> Callable[["torch.Tensor"], "torch.Tensor"]:
         """Token-id lookup into the (possibly quantized) embedding table."""
+
+    def layer_ops(self) -> "LayerOps":
+        """RMSNorm (with the residual add), RoPE and SwiGLU: the operations between the matmuls.
+        The default is plain torch (ember.ops.layer_ops.LayerOps); a backend subclasses it to
+        fuse what it can, and must keep the torch numerics when options.exact is set."""
+        from ember.ops.layer_ops import LayerOps
+
+        return LayerOps()
 
     def supports(self, qtype_name: str) -> bool:
         return qtype_name in self.quant_formats

@@ -38,6 +38,15 @@ def smollm2_llm(smollm2_gguf):
     return LLM(str(smollm2_gguf), max_model_len=2048)
 
 
+@pytest.fixture(scope="session")
+def smollm2_exact(smollm2_gguf):
+    """The same model on the reference numerics (--exact): weights dequantized to float32, as
+    transformers holds them."""
+    from ember.llm import LLM
+
+    return LLM(str(smollm2_gguf), max_model_len=2048, exact=True)
+
+
 PROMPTS = [
     "Why is the sky blue?",
     "Write a haiku about autumn leaves.",

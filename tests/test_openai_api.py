@@ -13,7 +13,9 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2"
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+# SmolLM2-135M answers this one "The capital of France is Paris." with exact and fast numerics
+# alike ("What is the capital of France?" is a near-tie it loses to French poetry either way)
+FRANCE = [{"role": "user", "content": "Name the capital of France."}]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""ember against transformers on the real SmolLM2-135M-Instruct Q4_1 file (the same GGUF, float32)."""
+"""ember in exact mode against transformers on the real SmolLM2-135M-Instruct Q4_1 file (the same
+GGUF, float32). The fast path is held to the exact mode in test_fast_path_fidelity.py."""
 import pytest
 import torch
 
@@ -25,11 +26,11 @@ def _chat_ids(llm, prompt):
     return llm.tokenizer.encode_chat([{"role": "user", "content": prompt}])
 
 
-def test_greedy_tokens_match_transformers(smollm2_llm, hf_model):
+def test_greedy_tokens_match_transformers(smollm2_exact, hf_model):
     tok, model = hf_model
-    prompts = [_chat_ids(smollm2_llm, p) for p in PROMPTS]
+    prompts = [_chat_ids(smollm2_exact, p) for p in PROMPTS]
     # min_tokens masks EOS exactly as transformers' min_new_tokens does
-    ours = smollm2_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=N_TOKENS, min_tokens=N_TOKENS))
+    ours = smollm2_exact.generate(prompts, SamplingParams(temperature=0.0, max_tokens=N_TOKENS, min_tokens=N_TOKENS))
     mismatches = []
     for ids, out in zip(prompts, ours):
         with torch.no_grad():
@@ -42,11 +43,11 @@ def test_greedy_tokens_match_transformers(smollm2_llm, hf_model):
     assert not mismatches, mismatches
 
 
-def test_prompt_logits_match_transformers(smollm2_llm, hf_model):
+def test_prompt_logits_match_transformers(smollm2_exact, hf_model):
     _, model = hf_model
     for p in PROMPTS:
-        ids = _chat_ids(smollm2_llm, p)
-        ours = smollm2_llm.prompt_logits(ids)
+        ids = _chat_ids(smollm2_exact, p)
+        ours = smollm2_exact.prompt_logits(ids)
         with torch.no_grad():
             ref = model(torch.tensor([ids])).logits[0].float()
         assert ours.shape == ref.shape
@@ -54,8 +55,8 @@ def test_prompt_logits_match_transformers(smollm2_llm, hf_model):
         assert rel < 1e-3, f"{p!r}: relative logits error {rel:.2e}"
 
 
-def test_chat_template_matches_transformers(smollm2_llm, hf_model):
+def test_chat_template_matches_transformers(smollm2_exact, hf_model):
     tok, _ = hf_model
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
-    assert smollm2_llm.tokenizer.encode_chat(msgs) == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert smollm2_exact.tokenizer.encode_chat(msgs) == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)

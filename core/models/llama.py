@@ -8,15 +8,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ember.backend import AttentionMetadata, Backend
 from ember.config import ModelConfig, RopeScaling
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
 
 
 def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -37,26 +31,13 @@ def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
     return inv_freq
 
 
-class Rope:
-    """Precomputed cos/sin for every position up to the context length (HF rotate_half layout)."""
-
-    def __init__(self, cfg: ModelConfig, max_positions: int):
-        dim = cfg.rotary_dim
-        inv_freq = rope_inv_freq(dim, cfg.rope_theta, cfg.rope_scaling)
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos, self.sin = emb.cos(), emb.sin()
-        self.dim = dim
-
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [tokens, heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        rot, rest = x[..., : self.dim], x[..., self.dim:]
-        half = self.dim // 2
-        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-        out = rot * cos + rotated * sin
-        return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+def rope_tables(cfg: ModelConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin for every position up to the context length: [max_positions, rotary_dim],
+    in HF's rotate-half layout."""
+    inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().contiguous(), emb.sin().contiguous()
 
 
 def _norm_weight(weights, name: str) -> torch.Tensor:
@@ -88,9 +69,9 @@ class LlamaLayer:
                                                   weights[p + "mlp.up_proj.weight"]])
             self.down = backend.create_linear([weights[p + "mlp.down_proj.weight"]])
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor, ops) -> torch.Tensor:
         if not self.cfg.num_experts:
-            return self.down(_swiglu(self.gate_up(x)))
+            return self.down(ops.swiglu(self.gate_up(x)))
         # Mixtral-style routing: softmax over experts, keep the top k, renormalise.
         probs = self.router(x).softmax(-1)
         weight, chosen = probs.topk(self.cfg.num_experts_per_tok, dim=-1)
@@ -99,13 +80,8 @@ class LlamaLayer:
         for j in chosen.unique().tolist():
             rows, slot = (chosen == j).nonzero(as_tuple=True)
             gate_up, down = self.experts[j]
-            out.index_add_(0, rows, down(_swiglu(gate_up(x[rows]))) * weight[rows, slot, None])
+            out.index_add_(0, rows, down(ops.swiglu(gate_up(x[rows]))) * weight[rows, slot, None])
         return out
-
-
-def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 class LlamaModel:
@@ -116,27 +92,29 @@ class LlamaModel:
         self.norm = _norm_weight(weights, "model.norm.weight")
         head = weights.get("lm_head.weight") or weights["model.embed_tokens.weight"]
         self.lm_head = backend.create_linear([head])
-        self.rope = Rope(cfg, max_positions or cfg.context_length)
+        self.cos, self.sin = rope_tables(cfg, max_positions or cfg.context_length)
         self.attn = backend.attention()
+        self.ops = backend.layer_ops()
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
-        cfg = self.cfg
+        cfg, ops, eps = self.cfg, self.ops, self.cfg.rms_norm_eps
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        x = self.embed(input_ids)
+        x, residual = self.embed(input_ids), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            y = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
+            # residual carries the stream x_l; x is what the last block adds to it
+            y, residual = ops.rms_norm(x, layer.input_norm, eps, residual)
             q, k, v = layer.qkv(y).split([h * d, kvh * d, kvh * d], dim=-1)
             q, k, v = q.view(-1, h, d), k.view(-1, kvh, d), v.view(-1, kvh, d)
             if layer.q_norm is not None:
-                q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
-                k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
-            q, k = self.rope(q, positions), self.rope(k, positions)
+                q, _ = ops.rms_norm(q, layer.q_norm, eps)
+                k, _ = ops.rms_norm(k, layer.k_norm, eps)
+            q, k = ops.rope(q, k, positions, self.cos, self.sin)
             a = self.attn.forward(q, k, v, k_cache, v_cache, meta, self.scale)
-            x = x + layer.o(a.reshape(-1, h * d))
-            x = x + layer.mlp(rms_norm(x, layer.post_norm, cfg.rms_norm_eps))
-        return rms_norm(x, self.norm, cfg.rms_norm_eps)
+            y, residual = ops.rms_norm(layer.o(a.reshape(-1, h * d)), layer.post_norm, eps, residual)
+            x = layer.mlp(y, ops)
+        return ops.rms_norm(x, self.norm, eps, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

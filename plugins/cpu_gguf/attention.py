@@ -26,6 +26,11 @@ def key_offsets(slot_mapping: torch.Tensor, head_dim: int, block_size: int) -> t
     return (block[:, None] * (head_dim * block_size) + dims[None, :] + slot[:, None]).reshape(-1)
 
 
+def _rows_of_heads(t: torch.Tensor) -> bool:
+    """float32 [tokens, heads, head_dim], heads back to back within a token (rows may be strided)."""
+    return t.dtype == torch.float32 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
+
+
 def write_kv(k, v, k_cache, v_cache, slot_mapping, k_offsets=None) -> None:
     h, nb, bs, d = v_cache.shape
     v_cache.view(h, nb * bs, d).index_copy_(1, slot_mapping, v.transpose(0, 1))
@@ -83,18 +88,27 @@ class CpuPagedAttention:
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         plan = self.plan(meta, k_cache)
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.k_offsets)
         kvh, nb, bs, d = v_cache.shape
+        # an all-decode step on the C kernel writes its new keys and values itself, reading them
+        # where the fused projection left them
+        native_write = (plan.all_decode and self.native_decode is not None and _rows_of_heads(q)
+                        and _rows_of_heads(k) and _rows_of_heads(v) and k.stride(0) == v.stride(0))
+        if not native_write:
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.k_offsets)
         heads = q.shape[1]
         group = heads // kvh
         flat_k, flat_v = k_cache.view(kvh * nb, d, bs), v_cache.view(kvh * nb, bs, d)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape)
         if plan.decode and self.native_decode is not None:
-            qd = q.contiguous() if plan.all_decode else q.index_select(0, plan.rows)
-            o = out if plan.all_decode else torch.empty_like(qd)
-            rc = self.native_decode(qd.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), plan.tables.data_ptr(),
-                                    plan.tables.stride(0), plan.lens.data_ptr(), o.data_ptr(), len(plan.decode),
-                                    heads, kvh, d, nb, bs, scale, torch.get_num_threads())
+            if native_write:
+                qd = q
+            else:
+                qd = q.contiguous() if plan.all_decode else q.index_select(0, plan.rows)
+            o = out if plan.all_decode else torch.empty(qd.shape)
+            kw = (k.data_ptr(), v.data_ptr(), k.stride(0), meta.slot_mapping.data_ptr()) if native_write else (None, None, 0, None)
+            rc = self.native_decode(qd.data_ptr(), qd.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                    plan.tables.data_ptr(), plan.tables.stride(0), plan.lens.data_ptr(), o.data_ptr(),
+                                    len(plan.decode), heads, kvh, d, nb, bs, scale, torch.get_num_threads(), *kw)
             if rc != 0:
                 raise RuntimeError(f"paged decode attention failed (code {rc}: -1 out of memory, -2 block size > 64)")
             if not plan.all_decode:

@@ -8,7 +8,9 @@ import torch
 
 from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec
 from ember_cpu_gguf.attention import CpuPagedAttention
-from ember_cpu_gguf.linear import DenseLinear, QuantizedEmbedding
+from ember_cpu_gguf import native
+from ember_cpu_gguf.layer_ops import NativeLayerOps
+from ember_cpu_gguf.linear import DenseLinear, QuantizedEmbedding, QuantLinear
 
 GGUF_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                         "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})
@@ -49,7 +51,8 @@ class CpuGgufBackend(Backend):
     priority = 10
     quant_formats = GGUF_TYPES
     dtypes = ("float32",)
-    description = "CPU, GGUF weights (dequantized to float32), paged attention over a head-major block pool"
+    description = ("CPU, GGUF weights kept quantized (int8-activation kernels; --exact: float32 reference), "
+                   "paged attention over a head-major block pool")
 
     def __init__(self, options: BackendOptions | None = None):
         super().__init__(options)
@@ -91,7 +94,14 @@ class CpuGgufBackend(Backend):
         return self._attention
 
     def create_linear(self, weights, biases=None):
+        kernels = None if self.options.exact else native.quant_matmul()
+        if QuantLinear.accepts(weights, kernels):
+            return QuantLinear(weights, biases, threads=self.threads, kernels=kernels)
         return DenseLinear(weights, biases)
+
+    def layer_ops(self):
+        lib = None if self.options.exact else native.layer_ops()
+        return NativeLayerOps(lib, self.threads) if lib is not None else super().layer_ops()
 
     def create_embedding(self, weight):
         return QuantizedEmbedding(weight)

@@ -19,7 +19,17 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 SRC = Path(__file__).parent / "csrc"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# "native": every instruction this CPU has (the AVX-512 VNNI paths where it has them);
+# "portable": baseline x86-64 (or the compiler's default elsewhere), which builds the kernels'
+# scalar fallbacks, so the tests check those on any machine.
+VARIANTS = ("native", "portable")
+
+
+def _march(variant: str) -> list[str]:
+    if variant == "native":
+        return ["-march=native"]
+    return ["-march=x86-64"] if os.uname().machine in ("x86_64", "AMD64") else []
 
 
 def _cpu_flags() -> str:
@@ -40,7 +50,7 @@ def _cache_dir() -> Path:
 
 
 @lru_cache(maxsize=None)
-def load(name: str) -> ctypes.CDLL | None:
+def load(name: str, variant: str = "native") -> ctypes.CDLL | None:
     """The compiled library for csrc/<name>.c, or None (with a logged reason) if it can't be built."""
     if os.environ.get("EMBER_NO_NATIVE"):
         return None
@@ -48,15 +58,17 @@ def load(name: str) -> ctypes.CDLL | None:
     if cc is None:
         log.warning("no C compiler found: cpu_gguf uses its slower pure-torch kernels")
         return None
-    source = (SRC / f"{name}.c").read_text()
-    key = hashlib.sha256("\0".join([source, cc, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"{name}-{key}.so"
+    # the headers too: a change to one must rebuild every library that includes it
+    source = "\0".join(p.read_text() for p in [SRC / f"{name}.c", *sorted(SRC.glob("*.h"))])
+    flags = [*FLAGS, *_march(variant)]
+    key = hashlib.sha256("\0".join([source, cc, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{name}-{variant}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            subprocess.run([cc, *FLAGS, str(SRC / f"{name}.c"), "-o", tmp, "-lm"], check=True,
+            subprocess.run([cc, *flags, str(SRC / f"{name}.c"), "-o", tmp, "-lm"], check=True,
                            capture_output=True, text=True, timeout=120)
             os.replace(tmp, target)  # atomic: a concurrent build never sees half a library
         except (OSError, subprocess.SubprocessError) as e:
@@ -74,6 +86,48 @@ def paged_decode():
         return None
     fn = lib.ember_paged_decode
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [p, p, p, p, i64, p, p, i32, i32, i32, i32, i64, i32, f32, i32]
+    fn.argtypes = [p, i64, p, p, p, i64, p, p, i32, i32, i32, i32, i64, i32, f32, i32, p, p, i64, p]
     fn.restype = ctypes.c_int
     return fn
+
+
+class LayerOpsLib:
+    """csrc/layer_ops.c: RMSNorm (with the residual add), RoPE in place, SwiGLU."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+        self.rms_norm = lib.ember_rms_norm
+        self.rms_norm.argtypes, self.rms_norm.restype = [p, i64, p, i64, p, p, i64, i64, i64, f32, i32], None
+        self.rope = lib.ember_rope
+        self.rope.argtypes, self.rope.restype = [p, i64, i32, p, i64, i32, i64, p, p, p, i64, i32, i32], None
+        self.swiglu = lib.ember_swiglu
+        self.swiglu.argtypes, self.swiglu.restype = [p, i64, p, i64, i64, i64, i32], None
+
+
+@lru_cache(maxsize=None)
+def layer_ops(variant: str = "native") -> LayerOpsLib | None:
+    lib = load("layer_ops", variant)
+    return LayerOpsLib(lib) if lib is not None else None
+
+
+class QuantMatmul:
+    """csrc/quant_matmul.c: repack GGUF blocks at load, then int8-activation matmuls."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self.supported = lib.ember_qmm_supported
+        self.supported.argtypes, self.supported.restype = [i32], i32
+        self.vectorized = bool(lib.ember_qmm_vectorized())
+        self.repacked_size = lib.ember_repacked_size
+        self.repacked_size.argtypes, self.repacked_size.restype = [i32, i64, i64], i64
+        self.repack = lib.ember_repack
+        self.repack.argtypes, self.repack.restype = [i32, p, i64, i64, p, i32], i32
+        self.qlinear = lib.ember_qlinear
+        self.qlinear.argtypes = [i32, p, p, p, i64, p, i64, i64, p, i64, p, i32]
+        self.qlinear.restype = i32
+
+
+@lru_cache(maxsize=None)
+def quant_matmul(variant: str = "native") -> QuantMatmul | None:
+    lib = load("quant_matmul", variant)
+    return QuantMatmul(lib) if lib is not None else None

@@ -22,34 +22,20 @@ static inline void block_scores(const float *q, const float *kblock, float *s, i
     for (int j = 0; j < bs; j++) s[j] = acc[j] * scale;
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the max), written so the compiler vectorises the
-// loop around it: Cody-Waite range reduction to r in [-ln2/2, ln2/2], a degree-6 polynomial, and
-// the power of two put in through the exponent bits. Relative error about 2e-7.
-static inline float exp_nonpos(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = __builtin_roundevenf(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    union { float f; int32_t i; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
-}
+#include "fast_exp.h"
 
 static inline void axpy(float *y, float a, const float *x, int d) {
 #pragma omp simd
     for (int i = 0; i < d; i++) y[i] += a * x[i];
 }
 
-// q, out: [B, H, D]; block_tables: [B, bt_stride]; seq_lens: [B]
-int ember_paged_decode(const float *q, const float *k_cache, const float *v_cache,
+// q: [B, H, D] with row stride ldq; out: [B, H, D]; block_tables: [B, bt_stride]; seq_lens: [B].
+// When k_new is not NULL, each row's new key and value (k_new, v_new: [B, KVH, D], row stride ldkv)
+// are first written at slots[b], the pair's own head: no other pair reads that slot this step.
+int ember_paged_decode(const float *q, int64_t ldq, float *k_cache, float *v_cache,
                        const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens,
                        float *out, int B, int H, int KVH, int D, int64_t NB, int BS, float scale,
-                       int nthreads) {
+                       int nthreads, const float *k_new, const float *v_new, int64_t ldkv, const int64_t *slots) {
     const int group = H / KVH;
     if (BS > 64) return -2;
     int64_t max_len = 0;
@@ -68,9 +54,16 @@ int ember_paged_decode(const float *q, const float *k_cache, const float *v_cach
             const int b = (int)(pair / KVH), kh = (int)(pair % KVH);
             const int64_t len = seq_lens[b];
             const int64_t *table = block_tables + (int64_t)b * bt_stride;
-            const float *kbase = k_cache + (int64_t)kh * NB * BS * D;
-            const float *vbase = v_cache + (int64_t)kh * NB * BS * D;
-            const float *qh = q + ((int64_t)b * H + (int64_t)kh * group) * D;
+            const float *kbase = (const float *)k_cache + (int64_t)kh * NB * BS * D;
+            const float *vbase = (const float *)v_cache + (int64_t)kh * NB * BS * D;
+            if (k_new) {
+                const int64_t blk = slots[b] / BS, slot = slots[b] % BS;
+                const float *kn = k_new + (int64_t)b * ldkv + (int64_t)kh * D, *vn = v_new + (int64_t)b * ldkv + (int64_t)kh * D;
+                float *kb = k_cache + ((int64_t)kh * NB + blk) * BS * D, *vb = v_cache + ((int64_t)kh * NB + blk) * BS * D;
+                for (int d = 0; d < D; d++) kb[(int64_t)d * BS + slot] = kn[d];
+                memcpy(vb + slot * D, vn, sizeof(float) * D);
+            }
+            const float *qh = q + (int64_t)b * ldq + (int64_t)kh * group * D;
             float *oh = out + ((int64_t)b * H + (int64_t)kh * group) * D;
             // scores = q . k for every cached position, block by block; a partial last block
             // is computed whole into a scratch row and cut to length

@@ -1,0 +1,449 @@
+/* Quantized linear layers: y = x @ W.T with W kept in 4 or 8 bits and x quantized to int8 per row.
+ *
+ * Weights are repacked once, at load, from their GGUF blocks into panels of 16 output rows. Every
+ * supported type is, exactly, w = s * u + m per group of 32 values (16 for Q6_K): u an unsigned
+ * 4-bit (Q4_0, Q4_1, Q4_K) or 8-bit (Q5_0, Q5_1, Q8_0, Q5_K, Q6_K) integer, s and m floats (a zero
+ * point z becomes m = -z * s). Within a panel, a group's integers are interleaved so that one
+ * 64-byte vector holds 4 consecutive values of each of the 16 rows: vpdpbusd (u8 x s8 -> s32)
+ * against 4 broadcast activation bytes advances all 16 rows at once, and the group's scales are
+ * applied once per group to 16 rows. Scales stay float16 where the file has float16 (exact), float32
+ * for the K-quants' products of two scales.
+ *
+ * Activations: each row, in groups of 32, becomes integers q (two int8 terms, see below) and a
+ * float d with q * d ~ x, plus the sums the minimum terms need:
+ *     sum_i w_i x_i = sum_groups s * d * (u . q) + m * sum(x).
+ * Quantizing each row on its own keeps a sequence's result independent of the rest of the batch,
+ * and each (panel, row) pair runs the same operations in the same order whatever the tile, batch
+ * size or thread count: results are bitwise independent of batching (the tests check it).
+ *
+ * With AVX512-VNNI the inner loop is vpdpbusd; elsewhere a portable scalar loop computes the same.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#include <immintrin.h>
+#define EMBER_VNNI 1
+#else
+#define EMBER_VNNI 0
+#endif
+
+/* GGML type ids (gguf.GGMLQuantizationType) */
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+
+static int block_bytes(int t) {
+    switch (t) {
+    case T_Q4_0: return 18; case T_Q4_1: return 20; case T_Q5_0: return 22; case T_Q5_1: return 24;
+    case T_Q8_0: return 34; case T_Q4_K: return 144; case T_Q5_K: return 176; case T_Q6_K: return 210;
+    default: return 0;
+    }
+}
+static int block_values(int t) { return t >= T_Q4_K ? 256 : 32; }
+
+int ember_qmm_supported(int t) { return block_bytes(t) > 0; }
+int ember_qmm_vectorized(void) { return EMBER_VNNI; }
+
+static float h2f(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else { /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7f800000 | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static void k4_scale_min(int j, const uint8_t *q, int *sc, int *m) {
+    if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
+    else { *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The scalar description of a chunk: what both paths compute. Values 64c .. 64c+63 of a row.
+ * s[g], m[g] per group of 16 values (a 32-group repeats its numbers); m is 0 for zero-point types.
+ * `half` set: only the first 32 values exist (a row of 32 * odd length); the rest read as zero.
+ * ------------------------------------------------------------------------------------------- */
+static int chunk_scalar(int t, const uint8_t *row, int64_t c, int half, uint8_t u[64], float s[4], float m[4]) {
+    int z = 0;
+    memset(u, 0, 64);
+    for (int g = 0; g < 4; g++) s[g] = m[g] = 0.f;
+    if (t < T_Q4_K) {
+        for (int b = 0; b < (half ? 1 : 2); b++) {
+            const uint8_t *p = row + (2 * c + b) * block_bytes(t);
+            float d = h2f(p), mm = 0.f;
+            const uint8_t *qs;
+            uint32_t qh = 0;
+            switch (t) {
+            case T_Q4_0: qs = p + 2; z = 8; break;
+            case T_Q4_1: mm = h2f(p + 2); qs = p + 4; break;
+            case T_Q5_0: memcpy(&qh, p + 2, 4); qs = p + 6; z = 16; break;
+            case T_Q5_1: mm = h2f(p + 2); memcpy(&qh, p + 4, 4); qs = p + 8; break;
+            default: qs = p + 2; z = 128; break; /* Q8_0: u = q + 128 */
+            }
+            for (int i = 0; i < 32; i++) {
+                int v;
+                if (t == T_Q8_0) v = (int)(int8_t)qs[i] + 128;
+                else v = (i < 16 ? qs[i] & 0xF : qs[i - 16] >> 4) | (((qh >> i) & 1) << 4);
+                u[32 * b + i] = (uint8_t)v;
+            }
+            s[2 * b] = s[2 * b + 1] = d;
+            m[2 * b] = m[2 * b + 1] = mm;
+        }
+        return z;
+    }
+    const uint8_t *p = row + (c / 4) * block_bytes(t);
+    int j = (int)(c % 4);
+    if (t == T_Q6_K) {
+        const uint8_t *ql = p + 64 * (j / 2), *qh = p + 128 + 32 * (j / 2);
+        const int8_t *sc = (const int8_t *)(p + 192) + 8 * (j / 2) + 4 * (j % 2);
+        float d = h2f(p + 208);
+        int sh = 4 * (j % 2);
+        for (int l = 0; l < 32; l++) {
+            u[l] = (uint8_t)(((ql[l] >> sh) & 0xF) | (((qh[l] >> (2 * (j % 2) * 2)) & 3) << 4));
+            u[32 + l] = (uint8_t)(((ql[32 + l] >> sh) & 0xF) | (((qh[l] >> (2 * (j % 2) * 2 + 2)) & 3) << 4));
+        }
+        for (int g = 0; g < 4; g++) s[g] = d * (float)sc[g];
+        return 32;
+    }
+    float d = h2f(p), dmin = h2f(p + 2);
+    int sc0, m0, sc1, m1;
+    k4_scale_min(2 * j, p + 4, &sc0, &m0);
+    k4_scale_min(2 * j + 1, p + 4, &sc1, &m1);
+    s[0] = s[1] = d * (float)sc0; s[2] = s[3] = d * (float)sc1;
+    m[0] = m[1] = -(dmin * (float)m0); m[2] = m[3] = -(dmin * (float)m1);
+    if (t == T_Q4_K) {
+        const uint8_t *qs = p + 16 + 32 * j;
+        for (int l = 0; l < 32; l++) { u[l] = qs[l] & 0xF; u[32 + l] = qs[l] >> 4; }
+    } else { /* Q5_K */
+        const uint8_t *qh = p + 16, *qs = p + 48 + 32 * j;
+        for (int l = 0; l < 32; l++) {
+            u[l] = (uint8_t)((qs[l] & 0xF) | (((qh[l] >> (2 * j)) & 1) << 4));
+            u[32 + l] = (uint8_t)((qs[l] >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4));
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Repacked layout. A format is (bits, group, f16 scales). Per panel of 16 rows, per group, in order:
+ *   integers: 4-bit: 4 vectors of 64 bytes, byte 4n+i of vector j = u[n][4j+i] | u[n][16+4j+i] << 4
+ *             8-bit: group/4 vectors, byte 4n+i of vector j = u[n][4j+i]
+ *   then 16 scales s[n], then 16 minimums m[n] (float16 or float32).
+ * ------------------------------------------------------------------------------------------- */
+typedef struct {
+    int bits, group, f16;
+} Fmt;
+
+static Fmt fmt_of(int t) {
+    switch (t) {
+    case T_Q4_0: case T_Q4_1: return (Fmt){4, 32, 1};
+    case T_Q4_K: return (Fmt){4, 32, 0};
+    case T_Q5_0: case T_Q5_1: case T_Q8_0: return (Fmt){8, 32, 1};
+    case T_Q5_K: return (Fmt){8, 32, 0};
+    default: return (Fmt){8, 16, 0}; /* Q6_K */
+    }
+}
+static int64_t group_bytes(Fmt f) { return 16 * f.group * f.bits / 8 + 2 * 16 * (f.f16 ? 2 : 4); }
+
+/* bytes of the repacked matrix: N rows padded to whole panels */
+int64_t ember_repacked_size(int t, int64_t N, int64_t K) {
+    if (!block_bytes(t) || K % block_values(t) || N < 1) return -1;
+    Fmt f = fmt_of(t);
+    return (N + 15) / 16 * (K / f.group) * group_bytes(f);
+}
+
+static uint16_t f2h(float x) { /* exact for the values we store (they came from float16) */
+    uint32_t b;
+    memcpy(&b, &x, 4);
+    uint32_t sign = (b >> 16) & 0x8000, e = (b >> 23) & 0xff, man = b & 0x7fffff;
+    if (e == 0xff) return (uint16_t)(sign | 0x7c00 | (man ? 0x200 : 0));
+    int ee = (int)e - 127 + 15;
+    if (ee >= 31) return (uint16_t)(sign | 0x7c00);
+    if (ee <= 0) { /* subnormal in float16 */
+        if (ee < -10) return (uint16_t)sign;
+        man |= 0x800000;
+        int shift = 14 - ee;
+        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = (uint32_t)ee << 10 | man >> 13, rem = man & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
+
+/* Repack N rows of GGUF blocks (row after row) into dst (ember_repacked_size bytes). Returns 0, or
+ * -2 for an unsupported type or shape, -3 when a minimum overflows float16 (not from a real file). */
+int ember_repack(int t, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, int threads) {
+    if (ember_repacked_size(t, N, K) < 0) return -2;
+    const Fmt f = fmt_of(t);
+    const int64_t rb = K / block_values(t) * block_bytes(t), ng = K / f.group, gb = group_bytes(f);
+    const int64_t panels = (N + 15) / 16;
+    int bad = 0;
+    #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) reduction(|:bad)
+    for (int64_t p = 0; p < panels; p++) {
+        for (int n = 0; n < 16; n++) {
+            int64_t row = 16 * p + n;
+            for (int64_t c = 0; c < K / 64 + (K % 64 ? 1 : 0); c++) {
+                uint8_t u[64];
+                float s[4], m[4];
+                if (row < N) {
+                    int z = chunk_scalar(t, src + row * rb, c, 64 * c + 64 > K, u, s, m);
+                    for (int g = 0; g < 4; g++) m[g] = m[g] - (float)z * s[g]; /* exact: z is a power of 2 */
+                } else {
+                    memset(u, 0, 64);
+                    for (int g = 0; g < 4; g++) s[g] = m[g] = 0.f;
+                }
+                int per = 64 / f.group; /* groups in this chunk */
+                for (int gi = 0; gi < per && c * 64 + gi * f.group < K; gi++) {
+                    int64_t g = c * per + gi;
+                    uint8_t *blk = dst + (p * ng + g) * gb;
+                    const uint8_t *uu = u + gi * f.group;
+                    if (f.bits == 4) {
+                        for (int j = 0; j < 4; j++)
+                            for (int i = 0; i < 4; i++)
+                                blk[64 * j + 4 * n + i] = (uint8_t)(uu[4 * j + i] | uu[16 + 4 * j + i] << 4);
+                    } else {
+                        for (int j = 0; j < f.group / 4; j++)
+                            for (int i = 0; i < 4; i++) blk[64 * j + 4 * n + i] = uu[4 * j + i];
+                    }
+                    uint8_t *sc = blk + 16 * f.group * f.bits / 8;
+                    float ss = s[gi * f.group / 16], mm = m[gi * f.group / 16];
+                    if (f.f16) {
+                        uint16_t hs = f2h(ss), hm = f2h(mm);
+                        if (isfinite(mm) && !isfinite(h2f((const uint8_t *)&hm))) bad = 1;
+                        memcpy(sc + 2 * n, &hs, 2);
+                        memcpy(sc + 32 + 2 * n, &hm, 2);
+                    } else {
+                        memcpy(sc + 4 * n, &ss, 4);
+                        memcpy(sc + 64 + 4 * n, &mm, 4);
+                    }
+                }
+            }
+        }
+    }
+    return bad ? -3 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Activations, in two int8 terms: per group of 32, with e = max|x| / 127,
+ *     hi = round(x / e),  lo = round(256 * (x / e - hi))  (clamped to +-127),
+ *     x ~ d * (256 * hi + lo),  d = e / 256.
+ * One int8 term alone leaves about 0.5% noise on every activation, which compounds over the
+ * layers (about 1.5% perplexity on SmolLM2 in Q8_0); the second term brings it to about 16-bit
+ * precision for twice the integer dot products and no more weight bytes.
+ * Row r -> hi[K], lo[K] int8, d[K/32], and sx16[K/16], sx32[K/32]: the sums of x the minimum
+ * terms multiply.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct {
+    int8_t *hi, *lo;
+    float *d, *sx16, *sx32;
+    int64_t k;
+} Acts;
+
+static void quantize_row(const float *x, int64_t K, int8_t *hi, int8_t *lo, float *d, float *sx16, float *sx32) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[32 * b + i]));
+        float inv = amax > 0.f ? 127.f / amax : 0.f;
+        int s[2] = {0, 0};
+        for (int i = 0; i < 32; i++) {
+            float v = x[32 * b + i] * inv, h = nearbyintf(v), l = nearbyintf((v - h) * 256.f);
+            l = l > 127.f ? 127.f : l < -127.f ? -127.f : l;
+            hi[32 * b + i] = (int8_t)h;
+            lo[32 * b + i] = (int8_t)l;
+            s[i / 16] += 256 * (int)h + (int)l;
+        }
+        float scale = amax / 127.f / 256.f;
+        d[b] = scale;
+        sx16[2 * b] = scale * (float)s[0];
+        sx16[2 * b + 1] = scale * (float)s[1];
+        sx32[b] = scale * (float)(s[0] + s[1]);
+    }
+}
+
+#define MR 4 /* activation rows per tile, at most */
+
+#if EMBER_VNNI
+/* 4 activation bytes to every lane, as one load (vbroadcastss from memory: no shuffle port) */
+static inline __m512i bcast4(const int8_t *p) {
+    float f;
+    memcpy(&f, p, 4);
+    return _mm512_castps_si512(_mm512_set1_ps(f));
+}
+
+static inline __m512 load_scales(const uint8_t *p, int f16) {
+    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
+}
+
+/* One panel (16 output rows) against rows m0 .. m0+mr-1. bits, group, f16 and mr are constants
+ * after inlining: each format and tile height gets its own loop. */
+static inline __attribute__((always_inline)) void panel_t(const int bits, const int group, const int f16, const int mr,
+                                                           const uint8_t *w, int64_t ng, const Acts *a, int64_t m0,
+                                                           float out[][16]) {
+    const int64_t gb = 16 * group * bits / 8 + 2 * 16 * (f16 ? 2 : 4), k = a->k;
+    const int sb = 16 * (f16 ? 2 : 4);
+    const __m512i lo4 = _mm512_set1_epi8(0x0F);
+    __m512 acc[MR];
+    for (int r = 0; r < mr; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *blk = w + g * gb;
+        __m512i v[8];
+        if (bits == 4) {
+            for (int j = 0; j < 4; j++) {
+                __m512i t = _mm512_loadu_si512(blk + 64 * j);
+                v[j] = _mm512_and_si512(t, lo4);
+                v[j + 4] = _mm512_and_si512(_mm512_srli_epi16(t, 4), lo4);
+            }
+        } else {
+            for (int j = 0; j < group / 4; j++) v[j] = _mm512_loadu_si512(blk + 64 * j);
+        }
+        const uint8_t *sc = blk + 16 * group * bits / 8;
+        __m512 s = load_scales(sc, f16), mn = load_scales(sc + sb, f16);
+        for (int r = 0; r < mr; r++) {
+            const int64_t row = m0 + r, e = g * group;
+            const int8_t *qh = a->hi + row * k + e, *ql = a->lo + row * k + e;
+            /* four independent chains (integer sums are exact, so the split changes no bits):
+             * one chain of dependent vpdpbusd would leave a single row waiting on latency */
+            __m512i h0 = _mm512_setzero_si512(), h1 = h0, l0 = h0, l1 = h0;
+            for (int j = 0; j < group / 4; j += 2) {
+                h0 = _mm512_dpbusd_epi32(h0, v[j], bcast4(qh + 4 * j));
+                h1 = _mm512_dpbusd_epi32(h1, v[j + 1], bcast4(qh + 4 * j + 4));
+                l0 = _mm512_dpbusd_epi32(l0, v[j], bcast4(ql + 4 * j));
+                l1 = _mm512_dpbusd_epi32(l1, v[j + 1], bcast4(ql + 4 * j + 4));
+            }
+            /* 256 * (u . hi) + u . lo, exact: |u . hi| < 2^21 */
+            __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
+            float dx = a->d[row * (k / 32) + e / 32];
+            float sx = group == 16 ? a->sx16[row * (k / 16) + g] : a->sx32[row * (k / 32) + g];
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(dx)), acc[r]);
+            acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx), acc[r]);
+        }
+    }
+    for (int r = 0; r < mr; r++) _mm512_storeu_ps(out[r], acc[r]);
+}
+
+#define PANEL_MR(B, G, H) \
+    switch (mr) { \
+    case 1: panel_t(B, G, H, 1, w, ng, a, m0, out); break; \
+    case 2: panel_t(B, G, H, 2, w, ng, a, m0, out); break; \
+    case 3: panel_t(B, G, H, 3, w, ng, a, m0, out); break; \
+    default: panel_t(B, G, H, 4, w, ng, a, m0, out); break; \
+    }
+
+static void panel(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0, int mr, float out[][16]) {
+    if (f.bits == 4 && f.f16) PANEL_MR(4, 32, 1)
+    else if (f.bits == 4) PANEL_MR(4, 32, 0)
+    else if (f.group == 32 && f.f16) PANEL_MR(8, 32, 1)
+    else if (f.group == 32) PANEL_MR(8, 32, 0)
+    else PANEL_MR(8, 16, 0)
+}
+#else
+static float scale_at(const uint8_t *p, int f16, int n) {
+    if (f16) return h2f(p + 2 * n);
+    float x;
+    memcpy(&x, p + 4 * n, 4);
+    return x;
+}
+
+static void panel(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0, int mr, float out[][16]) {
+    const int64_t gb = group_bytes(f), k = a->k;
+    const int sb = 16 * (f.f16 ? 2 : 4);
+    for (int r = 0; r < mr; r++) {
+        const int64_t row = m0 + r;
+        for (int n = 0; n < 16; n++) out[r][n] = 0.f;
+        for (int64_t g = 0; g < ng; g++) {
+            const uint8_t *blk = w + g * gb, *sc = blk + 16 * f.group * f.bits / 8;
+            const int64_t e = g * f.group;
+            const int8_t *qh = a->hi + row * k + e, *ql = a->lo + row * k + e;
+            float dx = a->d[row * (k / 32) + e / 32];
+            float sx = f.group == 16 ? a->sx16[row * (k / 16) + g] : a->sx32[row * (k / 32) + g];
+            for (int n = 0; n < 16; n++) {
+                int32_t dot = 0;
+                for (int i = 0; i < f.group; i++) {
+                    int u;
+                    if (f.bits == 4) {
+                        int j = i % 16, byte = blk[64 * (j / 4) + 4 * n + j % 4];
+                        u = i < 16 ? byte & 0xF : byte >> 4;
+                    } else {
+                        u = blk[64 * (i / 4) + 4 * n + i % 4];
+                    }
+                    dot += u * (256 * qh[i] + ql[i]);
+                }
+                out[r][n] = fmaf((float)dot, scale_at(sc, f.f16, n) * dx, out[r][n]);
+                out[r][n] = fmaf(scale_at(sc + sb, f.f16, n), sx, out[r][n]);
+            }
+        }
+    }
+}
+#endif
+
+/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W.T (+ bias), W the concatenation along
+ * the output dimension of nparts repacked matrices (types[p], data[p], ns[p] rows of K values).
+ * Returns 0, or -1 when out of memory, -2 for an unsupported type or shape. */
+int ember_qlinear(int nparts, const int *types, const void *const *data, const int64_t *ns, int64_t K,
+                  const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, const float *bias, int threads) {
+    if (K % 32 || K < 32 || nparts < 1 || nparts > 64 || M < 0) return -2;
+    for (int p = 0; p < nparts; p++)
+        if (ember_repacked_size(types[p], ns[p], K) < 0) return -2;
+    if (M == 0) return 0;
+    Acts a;
+    a.k = K;
+    a.hi = malloc((size_t)(M * K));
+    a.lo = malloc((size_t)(M * K));
+    a.d = malloc(sizeof(float) * (size_t)(M * K / 32));
+    a.sx32 = malloc(sizeof(float) * (size_t)(M * K / 32));
+    a.sx16 = malloc(sizeof(float) * (size_t)(M * K / 16));
+    if (!a.hi || !a.lo || !a.d || !a.sx32 || !a.sx16) {
+        free(a.hi); free(a.lo); free(a.d); free(a.sx32); free(a.sx16);
+        return -1;
+    }
+    if (threads < 1) threads = 1;
+
+    int64_t first[64 + 1], col[64];
+    first[0] = 0;
+    for (int p = 0; p < nparts; p++) {
+        first[p + 1] = first[p] + (ns[p] + 15) / 16;
+        col[p] = p ? col[p - 1] + ns[p - 1] : 0;
+    }
+    const int64_t panels = first[nparts];
+
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < M; r++)
+            quantize_row(x + r * ldx, K, a.hi + r * K, a.lo + r * K, a.d + r * (K / 32), a.sx16 + r * (K / 16), a.sx32 + r * (K / 32));
+        #pragma omp for schedule(static)
+        for (int64_t pi = 0; pi < panels; pi++) {
+            int p = 0;
+            while (pi >= first[p + 1]) p++;
+            const Fmt f = fmt_of(types[p]);
+            const int64_t ng = K / f.group, n0 = (pi - first[p]) * 16;
+            const int nr = ns[p] - n0 < 16 ? (int)(ns[p] - n0) : 16;
+            const uint8_t *w = (const uint8_t *)data[p] + (pi - first[p]) * ng * group_bytes(f);
+            float out[MR][16];
+            for (int64_t m0 = 0; m0 < M; m0 += MR) {
+                int mr = M - m0 < MR ? (int)(M - m0) : MR;
+                panel(f, w, ng, &a, m0, mr, out);
+                for (int r = 0; r < mr; r++) {
+                    float *yr = y + (m0 + r) * ldy + col[p] + n0;
+                    for (int n = 0; n < nr; n++) yr[n] = bias ? out[r][n] + bias[col[p] + n0 + n] : out[r][n];
+                }
+            }
+        }
+    }
+    free(a.hi); free(a.lo); free(a.d); free(a.sx32); free(a.sx16);
+    return 0;
+}

@@ -1,0 +1,173 @@
+"""cpu_gguf's C kernels against the core's reference: quantized matmul for every supported GGUF
+type (both the AVX-512 build and the portable scalar build), and the fused layer operations."""
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants
+
+from ember.gguf.loader import QuantWeight
+from ember.ops import reference
+from ember.ops.layer_ops import LayerOps
+from ember_cpu_gguf import native
+from ember_cpu_gguf.layer_ops import NativeLayerOps
+from ember_cpu_gguf.linear import QuantLinear
+
+LEGACY = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
+K_QUANTS = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+def kernels(variant):
+    k = native.quant_matmul(variant)
+    if k is None:
+        pytest.skip("no C compiler: the pure-torch fallback is what runs here")
+    return k
+
+
+def weight(qtype, rows, cols, seed):
+    """Legacy types through gguf's quantizer; K-quant blocks built byte by byte (gguf only
+    dequantizes those): random integers and sub-block scales, small positive float16 scales."""
+    rng = np.random.default_rng(seed)
+    if qtype in LEGACY:
+        data = quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    else:
+        per, nbytes = GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, size=(rows, cols // per, nbytes), dtype=np.uint8)
+
+        def halves(lo, hi):
+            return rng.uniform(lo, hi, (rows, cols // per)).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
+
+        if qtype == Q.Q6_K:
+            raw[:, :, 208:210] = halves(1e-3, 1e-2)  # d is the block's last field
+        else:
+            raw[:, :, 0:2] = halves(1e-3, 1e-2)  # d
+            raw[:, :, 2:4] = halves(0, 1e-2)  # dmin
+        data = raw.reshape(rows, -1)
+    return QuantWeight(f"w{seed}", qtype, (rows, cols), np.ascontiguousarray(data.view(np.uint8)))
+
+
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """What the kernel multiplies: per row and per 32 values, x / (max|x| / 127) as two int8
+    terms, hi and lo / 256 (see csrc/quant_matmul.c), back to float."""
+    b = x.reshape(x.shape[0], -1, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    v = b * inv
+    hi = torch.round(v)
+    lo = torch.round((v - hi) * 256).clamp(-127, 127)
+    return ((256 * hi + lo).double() * (amax.double() / 127 / 256)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("variant", native.VARIANTS)
+@pytest.mark.parametrize("qtype", LEGACY + K_QUANTS, ids=lambda q: q.name)
+def test_quantized_linear_matches_reference(qtype, variant):
+    ks = kernels(variant)
+    torch.manual_seed(int(qtype))
+    shapes = [(40, 256), (16, 512)] + ([(7, 96), (9, 32)] if qtype in LEGACY else [])
+    for rows, cols in shapes:
+        w = weight(qtype, rows, cols, rows)
+        lin = QuantLinear([w], threads=2, kernels=ks)
+        wf = w.dequantize().double()
+        for m in (1, 5):
+            x = torch.randn(m, cols)
+            y = lin(x).double()
+            # exact arithmetic on the quantized activations, up to float32 rounding; the bound
+            # scales with the terms summed (|x| |w|), since a zero point's term cancels much of
+            # the integer dot product's (a wrong index or scale errs by the result's own size)
+            xq = quantized_activations(x)
+            want, size = xq @ wf.T, xq.abs() @ wf.abs().T
+            assert ((y - want).abs() <= 1e-5 * size.max(dim=1, keepdim=True).values).all(), (rows, cols, m)
+            # and close to the float reference: two int8 terms are about 16-bit precision
+            ref = reference.linear(x, [w]).double()
+            assert (y - ref).norm() / ref.norm() < 1e-4
+
+
+@pytest.mark.parametrize("variant", native.VARIANTS)
+def test_fused_parts_of_mixed_types_with_bias(variant):
+    # a Q4_K_M-style fused qkv: q and k in Q4_K, v in Q6_K
+    ks = kernels(variant)
+    torch.manual_seed(0)
+    ws = [weight(Q.Q4_K, 64, 256, 1), weight(Q.Q4_K, 32, 256, 2), weight(Q.Q6_K, 32, 256, 3)]
+    biases = [QuantWeight(f"b{i}", Q.F32, (w.shape[0],), np.random.default_rng(i).standard_normal(
+        w.shape[0]).astype(np.float32).view(np.uint8).reshape(1, -1)) for i, w in enumerate(ws)]
+    lin = QuantLinear(ws, biases, threads=2, kernels=ks)
+    x = torch.randn(6, 256)
+    want = quantized_activations(x) @ torch.cat([w.dequantize() for w in ws]).double().T
+    want += torch.cat([b.dequantize() for b in biases]).double()
+    assert (lin(x).double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("variant", native.VARIANTS)
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K], ids=lambda q: q.name)
+def test_a_rows_result_does_not_depend_on_its_batch(qtype, variant):
+    ks = kernels(variant)
+    w = weight(qtype, 48, 512, 5)
+    x = torch.randn(11, 512)
+    for threads in (1, 2):
+        lin = QuantLinear([w], threads=threads, kernels=ks)
+        full = lin(x)
+        for start, stop in [(0, 1), (3, 4), (2, 9), (10, 11)]:
+            assert torch.equal(lin(x[start:stop].clone()), full[start:stop])
+        # a strided view of the rows gives the same bits as a copy
+        wide = torch.randn(11, 700)
+        wide[:, 100:612] = x
+        assert torch.equal(lin(wide[:, 100:612]), full)
+
+
+def test_quantized_linear_refuses_what_it_cannot_run():
+    ks = kernels("native")
+    f16 = QuantWeight("h", Q.F16, (4, 64), np.zeros((4, 128), np.uint8))
+    assert not QuantLinear.accepts([f16], ks)
+    assert not QuantLinear.accepts([weight(Q.Q4_0, 4, 64, 0), weight(Q.Q4_0, 4, 96, 1)], ks)  # widths differ
+    assert not QuantLinear.accepts([weight(Q.Q4_0, 4, 64, 0)], None)
+    with pytest.raises(ValueError):
+        QuantLinear([f16], kernels=ks)
+
+
+def layer_ops(variant="native"):
+    lib = native.layer_ops(variant)
+    if lib is None:
+        pytest.skip("no C compiler")
+    return NativeLayerOps(lib, threads=2)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_fused_rms_norm_matches_torch(rows):
+    ops, ref = layer_ops(), LayerOps()
+    x, res, w = torch.randn(rows, 576), torch.randn(rows, 576), torch.rand(576) + 0.5
+    y, stream = ops.rms_norm(x, w, 1e-5)
+    y_ref, _ = ref.rms_norm(x, w, 1e-5)
+    assert stream is x and torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    want_y, want_stream = ref.rms_norm(x, w, 1e-5, res.clone())
+    y, stream = ops.rms_norm(x, w, 1e-5, res)
+    assert stream is res  # updated in place: the residual stream moves on
+    assert torch.allclose(stream, want_stream, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(y, want_y, rtol=1e-5, atol=1e-6)
+    # a view the C code does not take falls back to torch
+    q = torch.randn(2, 3, 64)
+    assert torch.allclose(ops.rms_norm(q, torch.ones(64), 1e-6)[0], ref.rms_norm(q, torch.ones(64), 1e-6)[0])
+
+
+def test_fused_rope_in_place_matches_torch():
+    from ember.config import ModelConfig
+    from ember.models.llama import rope_tables
+
+    ops, ref = layer_ops(), LayerOps()
+    cfg = ModelConfig(architecture="llama", vocab_size=10, hidden_size=576, num_layers=1, num_heads=9,
+                      num_kv_heads=3, head_dim=64, intermediate_size=8, context_length=64)
+    cos, sin = rope_tables(cfg, 64)
+    qkv = torch.randn(5, (9 + 3 + 3) * 64)
+    q, k, _ = qkv.split([576, 192, 192], dim=-1)
+    q, k = q.view(5, 9, 64), k.view(5, 3, 64)
+    pos = torch.tensor([0, 7, 8, 33, 63])
+    want_q, want_k = ref.rope(q.clone(), k.clone(), pos, cos, sin)
+    got_q, got_k = ops.rope(q, k, pos, cos, sin)
+    assert got_q.data_ptr() == q.data_ptr()  # rotated where the projection put it
+    assert torch.allclose(got_q, want_q, rtol=1e-5, atol=1e-5) and torch.allclose(got_k, want_k, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 20])
+def test_fused_swiglu_matches_torch(rows):
+    ops, ref = layer_ops(), LayerOps()
+    gu = torch.randn(rows, 2 * 1536) * 4
+    gu[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's clamped ends
+    assert torch.allclose(ops.swiglu(gu), ref.swiglu(gu), rtol=1e-5, atol=1e-6)
