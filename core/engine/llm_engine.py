@@ -82,6 +82,8 @@ class LLMEngine:
         # the runner only needs positions up to the context this engine serves
         self.model_config = replace(cfg, context_length=self.max_model_len)
         self.runner = self.backend.create_model_runner(self.model_config, weights, config.cache)
+        # the backend holds what it needs now; the file's pages need not stay resident
+        self.gguf.release_pages()
         self.runner.eos_token_ids = set(self.tokenizer.stop_token_ids)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)

@@ -290,6 +290,13 @@ class GGUFFile:
         t = self.tensors[name]
         return self._buf[t.offset:t.offset + t.nbytes]
 
+    def release_pages(self) -> None:
+        """Let the mapped pages go from this process's resident set once the backend has its own
+        copy of the weights (repacked or dequantized). The mapping stays valid: a later read (an
+        embedding row) faults its page back in from the page cache."""
+        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         """Drop the mapping. Views from `raw()` stay valid: the mmap lives until they are gone."""
         self._buf = None
