@@ -275,6 +275,9 @@ static void quantize_row(const float *x, int64_t K, int8_t *hi, int8_t *lo, floa
 }
 
 #define MR 4 /* activation rows per tile, at most */
+#ifndef PF_BYTES
+#define PF_BYTES 4096
+#endif
 
 #if EMBER_VNNI
 /* 4 activation bytes to every lane, as one load (vbroadcastss from memory: no shuffle port) */
@@ -292,7 +295,7 @@ static inline __m512 load_scales(const uint8_t *p, int f16) {
  * after inlining: each format and tile height gets its own loop. */
 static inline __attribute__((always_inline)) void panel_t(const int bits, const int group, const int f16, const int mr,
                                                            const uint8_t *w, int64_t ng, const Acts *a, int64_t m0,
-                                                           float out[][16]) {
+                                                           float out[][16], const int first) {
     const int64_t gb = 16 * group * bits / 8 + 2 * 16 * (f16 ? 2 : 4), k = a->k;
     const int sb = 16 * (f16 ? 2 : 4);
     const __m512i lo4 = _mm512_set1_epi8(0x0F);
@@ -300,6 +303,11 @@ static inline __attribute__((always_inline)) void panel_t(const int bits, const 
     for (int r = 0; r < mr; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *blk = w + g * gb;
+        /* a panel's first pass streams its weights from memory: ask for them PF_BYTES ahead
+         * (past the panel's end is the next panel, which this thread reads next); later passes
+         * over the same panel find it in cache */
+        if (first)
+            for (int64_t off = 0; off < gb; off += 64) _mm_prefetch((const char *)blk + PF_BYTES + off, _MM_HINT_T0);
         __m512i v[8];
         if (bits == 4) {
             for (int j = 0; j < 4; j++) {
@@ -337,10 +345,10 @@ static inline __attribute__((always_inline)) void panel_t(const int bits, const 
 
 #define PANEL_MR(B, G, H) \
     switch (mr) { \
-    case 1: panel_t(B, G, H, 1, w, ng, a, m0, out); break; \
-    case 2: panel_t(B, G, H, 2, w, ng, a, m0, out); break; \
-    case 3: panel_t(B, G, H, 3, w, ng, a, m0, out); break; \
-    default: panel_t(B, G, H, 4, w, ng, a, m0, out); break; \
+    case 1: panel_t(B, G, H, 1, w, ng, a, m0, out, m0 == 0); break; \
+    case 2: panel_t(B, G, H, 2, w, ng, a, m0, out, m0 == 0); break; \
+    case 3: panel_t(B, G, H, 3, w, ng, a, m0, out, m0 == 0); break; \
+    default: panel_t(B, G, H, 4, w, ng, a, m0, out, m0 == 0); break; \
     }
 
 static void panel(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0, int mr, float out[][16]) {
