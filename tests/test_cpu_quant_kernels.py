@@ -113,6 +113,27 @@ def test_a_rows_result_does_not_depend_on_its_batch(qtype, variant):
         assert torch.equal(lin(wide[:, 100:612]), full)
 
 
+@pytest.mark.parametrize("qtype", LEGACY + K_QUANTS, ids=lambda q: q.name)
+def test_amx_tiles_give_the_vnni_paths_bits(qtype):
+    """Batches of 16+ rows run on AMX where the CPU has it; a row must come out the same either
+    way, or batch invariance would break at 16 rows."""
+    ks = kernels("native")
+    if not ks.amx:
+        pytest.skip("no AMX here (or the kernel did not grant tile state)")
+    torch.manual_seed(1)
+    w = weight(qtype, 48, 512, 9)
+    lin = QuantLinear([w], threads=2, kernels=ks)
+    x = torch.randn(37, 512)  # two AMX tiles and a 5-row tail
+    try:
+        amx = lin(x)
+        ks.set_amx(0)
+        vnni = lin(x)
+    finally:
+        ks.set_amx(1)
+    assert torch.equal(amx, vnni)
+    assert torch.equal(amx[3:4], lin(x[3:4].clone()))
+
+
 def test_quantized_linear_refuses_what_it_cannot_run():
     ks = kernels("native")
     f16 = QuantWeight("h", Q.F16, (4, 64), np.zeros((4, 128), np.uint8))

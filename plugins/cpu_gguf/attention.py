@@ -49,7 +49,8 @@ class _Plan:
 
     def __init__(self, meta: AttentionMetadata, num_kv_heads: int, num_blocks: int, head_dim: int):
         bs = meta.block_size
-        self.k_offsets = key_offsets(meta.slot_mapping, head_dim, bs)
+        self._meta, self._head_dim = meta, head_dim
+        self._k_offsets = None
         starts = meta.query_start_loc.tolist()
         self.decode = [i for i, n in enumerate(meta.query_lens_list) if n == 1]
         self.prefill = [i for i, n in enumerate(meta.query_lens_list) if n > 1]
@@ -61,11 +62,8 @@ class _Plan:
             nblk = -(-self.length // bs)
             tables = meta.block_tables[idx, :nblk].contiguous()  # [B, nblk]
             self.tables, self.lens = tables, meta.seq_lens[idx].contiguous()
-            # row (b, h, j) of the gather is block tables[b, j] of head h
-            self.gather = (heads.transpose(0, 1) + tables[:, None, :]).reshape(-1)
             self.rows = torch.tensor([starts[i] for i in self.decode], dtype=torch.long)
-            lens = meta.seq_lens[idx]
-            self.mask = (torch.arange(nblk * bs)[None, :] >= lens[:, None])[:, None, None, :]
+            self._fallback = (heads, tables, nblk * bs)
         self.prefill_plans = []
         for i in self.prefill:
             ctx, n, a = meta.seq_lens_list[i], meta.query_lens_list[i], starts[i]
@@ -74,11 +72,27 @@ class _Plan:
             self.prefill_plans.append((a, n, ctx, gather))
 
 
+    @property
+    def k_offsets(self) -> torch.Tensor:
+        if self._k_offsets is None:
+            self._k_offsets = key_offsets(self._meta.slot_mapping, self._head_dim, self._meta.block_size)
+        return self._k_offsets
+
+    def fallback_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch decode path's gather rows and padding mask (the C kernel needs neither)."""
+        heads, tables, width = self._fallback
+        # row (b, h, j) of the gather is block tables[b, j] of head h
+        gather = (heads.transpose(0, 1) + tables[:, None, :]).reshape(-1)
+        mask = (torch.arange(width)[None, :] >= self.lens[:, None])[:, None, None, :]
+        return gather, mask
+
+
 class CpuPagedAttention:
-    def __init__(self, use_native: bool = True):
+    def __init__(self, use_native: bool = True, threads: int | None = None):
         self._plan_for: AttentionMetadata | None = None
         self._plan: _Plan | None = None
         self.native_decode = native.paged_decode() if use_native else None
+        self.threads = threads or torch.get_num_threads()
 
     def plan(self, meta: AttentionMetadata, k_cache: torch.Tensor) -> _Plan:
         if self._plan_for is not meta:
@@ -88,38 +102,50 @@ class CpuPagedAttention:
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         plan = self.plan(meta, k_cache)
+        if (plan.all_decode and self.native_decode is not None and _rows_of_heads(q) and _rows_of_heads(k)
+                and _rows_of_heads(v) and k.stride(0) == v.stride(0)):
+            return self._decode_in_c(plan, q, k, v, k_cache, v_cache, meta, scale)
+        return self._general(plan, q, k, v, k_cache, v_cache, meta, scale)
+
+    def _decode_in_c(self, plan, q, k, v, k_cache, v_cache, meta, scale):
+        """The common decode step, kept lean (it runs once per layer per token): the C kernel
+        writes the new keys and values where the fused projection left them, then attends."""
         kvh, nb, bs, d = v_cache.shape
-        # an all-decode step on the C kernel writes its new keys and values itself, reading them
-        # where the fused projection left them
-        native_write = (plan.all_decode and self.native_decode is not None and _rows_of_heads(q)
-                        and _rows_of_heads(k) and _rows_of_heads(v) and k.stride(0) == v.stride(0))
-        if not native_write:
-            write_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.k_offsets)
+        out = torch.empty(q.shape)
+        rc = self.native_decode(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                plan.tables.data_ptr(), plan.tables.stride(0), plan.lens.data_ptr(), out.data_ptr(),
+                                q.shape[0], q.shape[1], kvh, d, nb, bs, scale, self.threads,
+                                k.data_ptr(), v.data_ptr(), k.stride(0), meta.slot_mapping.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"paged decode attention failed (code {rc}: -1 out of memory, -2 block size > 64)")
+        return out
+
+    def _general(self, plan, q, k, v, k_cache, v_cache, meta, scale):
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.k_offsets)
+        kvh, nb, bs, d = v_cache.shape
         heads = q.shape[1]
         group = heads // kvh
         flat_k, flat_v = k_cache.view(kvh * nb, d, bs), v_cache.view(kvh * nb, bs, d)
         out = torch.empty(q.shape)
         if plan.decode and self.native_decode is not None:
-            if native_write:
-                qd = q
-            else:
-                qd = q.contiguous() if plan.all_decode else q.index_select(0, plan.rows)
+            qd = q.contiguous() if plan.all_decode else q.index_select(0, plan.rows)
             o = out if plan.all_decode else torch.empty(qd.shape)
-            kw = (k.data_ptr(), v.data_ptr(), k.stride(0), meta.slot_mapping.data_ptr()) if native_write else (None, None, 0, None)
             rc = self.native_decode(qd.data_ptr(), qd.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                                     plan.tables.data_ptr(), plan.tables.stride(0), plan.lens.data_ptr(), o.data_ptr(),
-                                    len(plan.decode), heads, kvh, d, nb, bs, scale, torch.get_num_threads(), *kw)
+                                    len(plan.decode), heads, kvh, d, nb, bs, scale, self.threads,
+                                    None, None, 0, None)
             if rc != 0:
                 raise RuntimeError(f"paged decode attention failed (code {rc}: -1 out of memory, -2 block size > 64)")
             if not plan.all_decode:
                 out.index_copy_(0, plan.rows, o)
         elif plan.decode:
             b = len(plan.decode)
-            kk = _keys(flat_k, plan.gather, b, kvh, d, bs)
-            vv = flat_v.index_select(0, plan.gather).view(b, kvh, -1, d)
+            gather, mask = plan.fallback_index()
+            kk = _keys(flat_k, gather, b, kvh, d, bs)
+            vv = flat_v.index_select(0, gather).view(b, kvh, -1, d)
             qq = q.index_select(0, plan.rows).view(b, kvh, group, d)
             scores = torch.matmul(qq, kk.transpose(-1, -2)).mul_(scale)
-            scores.masked_fill_(plan.mask, float("-inf"))
+            scores.masked_fill_(mask, float("-inf"))
             o = torch.matmul(scores.softmax(-1), vv)  # [b, kvh, group, d]
             out.index_copy_(0, plan.rows, o.view(b, heads, d))
         for a, n, ctx, gather in plan.prefill_plans:

@@ -61,7 +61,7 @@ class CpuGgufBackend(Backend):
             raise ValueError(f"threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
         self.threads = threads
-        self._attention = CpuPagedAttention()
+        self._attention = CpuPagedAttention(threads=threads)
         self._kv_bytes = 0
 
     @classmethod

@@ -118,6 +118,9 @@ class QuantMatmul:
         self.supported = lib.ember_qmm_supported
         self.supported.argtypes, self.supported.restype = [i32], i32
         self.vectorized = bool(lib.ember_qmm_vectorized())
+        self.amx = bool(lib.ember_qmm_amx())  # 16-row tiles on AMX (same bits as the VNNI path)
+        self.set_amx = lib.ember_qmm_set_amx
+        self.set_amx.argtypes, self.set_amx.restype = [i32], None
         self.repacked_size = lib.ember_repacked_size
         self.repacked_size.argtypes, self.repacked_size.restype = [i32, i64, i64], i64
         self.repack = lib.ember_repack

@@ -18,6 +18,7 @@
  *
  * With AVX512-VNNI the inner loop is vpdpbusd; elsewhere a portable scalar loop computes the same.
  */
+#define _GNU_SOURCE /* syscall() for arch_prctl */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -46,6 +47,10 @@ static int block_values(int t) { return t >= T_Q4_K ? 256 : 32; }
 
 int ember_qmm_supported(int t) { return block_bytes(t) > 0; }
 int ember_qmm_vectorized(void) { return EMBER_VNNI; }
+
+static int amx_enabled = 1; /* the tests turn it off to compare the paths */
+void ember_qmm_set_amx(int on) { amx_enabled = on; }
+static int amx_available(void);
 
 static float h2f(const uint8_t *p) {
     uint16_t h;
@@ -351,6 +356,97 @@ static inline __attribute__((always_inline)) void panel_t(const int bits, const 
     default: panel_t(B, G, H, 4, w, ng, a, m0, out, m0 == 0); break; \
     }
 
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+/* AMX: 16 activation rows at a time. The tiles compute the same exact integer dot products as
+ * vpdpbusd (tdpbsud: signed activations x unsigned weights), and the float work after them is the
+ * VNNI path's, operation for operation, so a row gets the same bits whichever path it takes:
+ * batch invariance holds across the two. */
+#define EMBER_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static int amx_state = -1; /* -1: not asked yet */
+
+/* Linux hands out AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA). */
+static int amx_available(void) {
+    if (amx_state < 0) amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return amx_state;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* tiles 0, 1: integer dots against hi and lo; 2, 3: hi and lo activations; 4: weights. Loading
+ * a configuration is costly, so a thread does it once per call, and again only when a part of
+ * another group size (Q6_K's 16) comes along. */
+static void amx_configure(int group) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    cfg.rows[0] = cfg.rows[1] = 16; cfg.colsb[0] = cfg.colsb[1] = 64;
+    cfg.rows[2] = cfg.rows[3] = 16; cfg.colsb[2] = cfg.colsb[3] = (uint16_t)group;
+    cfg.rows[4] = (uint8_t)(group / 4); cfg.colsb[4] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+static inline __attribute__((always_inline)) void panel_amx_t(const int bits, const int group, const int f16,
+                                                               const uint8_t *w, int64_t ng, const Acts *a,
+                                                               int64_t m0, float out[][16]) {
+    const int64_t gb = 16 * group * bits / 8 + 2 * 16 * (f16 ? 2 : 4), k = a->k;
+    const int sb = 16 * (f16 ? 2 : 4);
+    const __m512i lo4 = _mm512_set1_epi8(0x0F);
+    _Alignas(64) uint8_t bt[512];
+    _Alignas(64) int32_t ch[256], cl[256];
+    __m512 acc[16];
+    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *blk = w + g * gb;
+        const int64_t e = g * group;
+        if (bits == 4) { /* the 4-bit layout unpacks to exactly the tile's rows */
+            for (int j = 0; j < 4; j++) {
+                __m512i t = _mm512_loadu_si512(blk + 64 * j);
+                _mm512_store_si512(bt + 64 * j, _mm512_and_si512(t, lo4));
+                _mm512_store_si512(bt + 64 * (j + 4), _mm512_and_si512(_mm512_srli_epi16(t, 4), lo4));
+            }
+            _tile_loadd(4, bt, 64);
+        } else {
+            _tile_loadd(4, blk, 64);
+        }
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_loadd(2, a->hi + m0 * k + e, k);
+        _tile_loadd(3, a->lo + m0 * k + e, k);
+        _tile_dpbsud(0, 2, 4);
+        _tile_dpbsud(1, 3, 4);
+        _tile_stored(0, ch, 64);
+        _tile_stored(1, cl, 64);
+        const uint8_t *sc = blk + 16 * group * bits / 8;
+        __m512 s = load_scales(sc, f16), mn = load_scales(sc + sb, f16);
+        for (int r = 0; r < 16; r++) {
+            const int64_t row = m0 + r;
+            __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(ch + 16 * r), 8),
+                                           _mm512_load_si512(cl + 16 * r));
+            float dx = a->d[row * (k / 32) + e / 32];
+            float sx = group == 16 ? a->sx16[row * (k / 16) + g] : a->sx32[row * (k / 32) + g];
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(dx)), acc[r]);
+            acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx), acc[r]);
+        }
+    }
+    for (int r = 0; r < 16; r++) _mm512_storeu_ps(out[r], acc[r]);
+}
+
+static void panel_amx(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0, float out[][16]) {
+    if (f.bits == 4 && f.f16) panel_amx_t(4, 32, 1, w, ng, a, m0, out);
+    else if (f.bits == 4) panel_amx_t(4, 32, 0, w, ng, a, m0, out);
+    else if (f.group == 32 && f.f16) panel_amx_t(8, 32, 1, w, ng, a, m0, out);
+    else if (f.group == 32) panel_amx_t(8, 32, 0, w, ng, a, m0, out);
+    else panel_amx_t(8, 16, 0, w, ng, a, m0, out);
+}
+#endif
+
 static void panel(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0, int mr, float out[][16]) {
     if (f.bits == 4 && f.f16) PANEL_MR(4, 32, 1)
     else if (f.bits == 4) PANEL_MR(4, 32, 0)
@@ -398,6 +494,12 @@ static void panel(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0
 }
 #endif
 
+#ifndef EMBER_AMX
+static int amx_available(void) { return 0; }
+#endif
+/* whether 16-row tiles run on AMX here (compiled in, and the kernel granted the tile state) */
+int ember_qmm_amx(void) { return amx_available(); }
+
 /* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W.T (+ bias), W the concatenation along
  * the output dimension of nparts repacked matrices (types[p], data[p], ns[p] rows of K values).
  * Returns 0, or -1 when out of memory, -2 for an unsupported type or shape. */
@@ -427,12 +529,18 @@ int ember_qlinear(int nparts, const int *types, const void *const *data, const i
         col[p] = p ? col[p - 1] + ns[p - 1] : 0;
     }
     const int64_t panels = first[nparts];
+#ifdef EMBER_AMX
+    const int use_amx = M >= 16 && amx_enabled && amx_available();
+#endif
 
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < M; r++)
             quantize_row(x + r * ldx, K, a.hi + r * K, a.lo + r * K, a.d + r * (K / 32), a.sx16 + r * (K / 16), a.sx32 + r * (K / 32));
+#ifdef EMBER_AMX
+        int tiles = 0; /* the group size this thread's tiles are configured for; 0: none */
+#endif
         #pragma omp for schedule(static)
         for (int64_t pi = 0; pi < panels; pi++) {
             int p = 0;
@@ -441,16 +549,27 @@ int ember_qlinear(int nparts, const int *types, const void *const *data, const i
             const int64_t ng = K / f.group, n0 = (pi - first[p]) * 16;
             const int nr = ns[p] - n0 < 16 ? (int)(ns[p] - n0) : 16;
             const uint8_t *w = (const uint8_t *)data[p] + (pi - first[p]) * ng * group_bytes(f);
-            float out[MR][16];
-            for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            float out[16][16];
+            for (int64_t m0 = 0; m0 < M;) {
                 int mr = M - m0 < MR ? (int)(M - m0) : MR;
-                panel(f, w, ng, &a, m0, mr, out);
+#ifdef EMBER_AMX
+                if (use_amx && M - m0 >= 16) {
+                    if (tiles != f.group) amx_configure(tiles = f.group);
+                    panel_amx(f, w, ng, &a, m0, out);
+                    mr = 16;
+                } else
+#endif
+                    panel(f, w, ng, &a, m0, mr, out);
                 for (int r = 0; r < mr; r++) {
                     float *yr = y + (m0 + r) * ldy + col[p] + n0;
                     for (int n = 0; n < nr; n++) yr[n] = bias ? out[r][n] + bias[col[p] + n0 + n] : out[r][n];
                 }
+                m0 += mr;
             }
         }
+#ifdef EMBER_AMX
+        if (tiles) _tile_release();
+#endif
     }
     free(a.hi); free(a.lo); free(a.d); free(a.sx32); free(a.sx16);
     return 0;
