@@ -54,9 +54,13 @@ class KVCacheSpec:
     head_dim: int
     dtype: str = "float32"
 
-    def bytes_per_block(self, itemsize: int = 4) -> int:
+    @property
+    def itemsize(self) -> int:
+        return {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}.get(self.dtype, 4)
+
+    def bytes_per_block(self, itemsize: int | None = None) -> int:
         # K and V for every layer
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * (itemsize or self.itemsize)
 
 
 @dataclass

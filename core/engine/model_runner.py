@@ -54,7 +54,7 @@ def structured_masks(seqs: list[Sequence], width: int) -> torch.Tensor:
     return torch.from_numpy(masks)
 
 
-def kv_spec_for(cfg: ModelConfig, cache: CacheConfig, backend: Backend, itemsize: int = 4) -> KVCacheSpec:
+def kv_spec_for(cfg: ModelConfig, cache: CacheConfig, backend: Backend, itemsize: int | None = None) -> KVCacheSpec:
     probe = KVCacheSpec(cfg.num_layers, 1, cache.block_size, cfg.num_kv_heads, cfg.head_dim,
                         backend.kv_cache_dtype())
     budget = cache.kv_cache_memory or backend.available_kv_memory() or DEFAULT_KV_BYTES

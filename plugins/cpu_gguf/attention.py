@@ -26,6 +26,9 @@ def key_offsets(slot_mapping: torch.Tensor, head_dim: int, block_size: int) -> t
     return (block[:, None] * (head_dim * block_size) + dims[None, :] + slot[:, None]).reshape(-1)
 
 
+_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+
+
 def _rows_of_heads(t: torch.Tensor) -> bool:
     """float32 [tokens, heads, head_dim], heads back to back within a token (rows may be strided)."""
     return t.dtype == torch.float32 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
@@ -33,6 +36,7 @@ def _rows_of_heads(t: torch.Tensor) -> bool:
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping, k_offsets=None) -> None:
     h, nb, bs, d = v_cache.shape
+    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
     v_cache.view(h, nb * bs, d).index_copy_(1, slot_mapping, v.transpose(0, 1))
     if k_offsets is None:
         k_offsets = key_offsets(slot_mapping, d, bs)
@@ -41,7 +45,7 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, k_offsets=None) -> None:
 
 def _keys(flat_k: torch.Tensor, gather: torch.Tensor, b: int, kvh: int, d: int, bs: int) -> torch.Tensor:
     """Gathered key blocks back in [b, kvh, length, d] order."""
-    return flat_k.index_select(0, gather).view(b, kvh, -1, d, bs).transpose(-1, -2).reshape(b, kvh, -1, d)
+    return flat_k.index_select(0, gather).float().view(b, kvh, -1, d, bs).transpose(-1, -2).reshape(b, kvh, -1, d)
 
 
 class _Plan:
@@ -91,7 +95,9 @@ class CpuPagedAttention:
     def __init__(self, use_native: bool = True, threads: int | None = None):
         self._plan_for: AttentionMetadata | None = None
         self._plan: _Plan | None = None
-        self.native_decode = native.paged_decode() if use_native else None
+        # one kernel per cache element type; the cache's dtype picks (see backend.kv_cache_dtype)
+        self._native = {dt: native.paged_decode(dt) if use_native else None for dt in ("float32", "float16")}
+        self.native_decode = self._native["float32"]
         self.threads = threads or torch.get_num_threads()
 
     def plan(self, meta: AttentionMetadata, k_cache: torch.Tensor) -> _Plan:
@@ -102,47 +108,48 @@ class CpuPagedAttention:
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         plan = self.plan(meta, k_cache)
-        if (plan.all_decode and self.native_decode is not None and _rows_of_heads(q) and _rows_of_heads(k)
+        kernel = self._native.get(_DTYPES.get(k_cache.dtype))
+        if (plan.all_decode and kernel is not None and _rows_of_heads(q) and _rows_of_heads(k)
                 and _rows_of_heads(v) and k.stride(0) == v.stride(0)):
-            return self._decode_in_c(plan, q, k, v, k_cache, v_cache, meta, scale)
-        return self._general(plan, q, k, v, k_cache, v_cache, meta, scale)
+            return self._decode_in_c(kernel, plan, q, k, v, k_cache, v_cache, meta, scale)
+        return self._general(kernel, plan, q, k, v, k_cache, v_cache, meta, scale)
 
-    def _decode_in_c(self, plan, q, k, v, k_cache, v_cache, meta, scale):
+    def _decode_in_c(self, kernel, plan, q, k, v, k_cache, v_cache, meta, scale):
         """The common decode step, kept lean (it runs once per layer per token): the C kernel
         writes the new keys and values where the fused projection left them, then attends."""
         kvh, nb, bs, d = v_cache.shape
         out = torch.empty(q.shape)
-        rc = self.native_decode(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        rc = kernel(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                                 plan.tables.data_ptr(), plan.tables.stride(0), plan.lens.data_ptr(), out.data_ptr(),
                                 q.shape[0], q.shape[1], kvh, d, nb, bs, scale, self.threads,
                                 k.data_ptr(), v.data_ptr(), k.stride(0), meta.slot_mapping.data_ptr())
         if rc != 0:
-            raise RuntimeError(f"paged decode attention failed (code {rc}: -1 out of memory, -2 block size > 64)")
+            raise RuntimeError(f"paged decode attention failed (code {rc}: -1 out of memory, -2 block size > 64, -3 more than 16 query heads per kv head or head_dim > 1024)")
         return out
 
-    def _general(self, plan, q, k, v, k_cache, v_cache, meta, scale):
+    def _general(self, kernel, plan, q, k, v, k_cache, v_cache, meta, scale):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.k_offsets)
         kvh, nb, bs, d = v_cache.shape
         heads = q.shape[1]
         group = heads // kvh
         flat_k, flat_v = k_cache.view(kvh * nb, d, bs), v_cache.view(kvh * nb, bs, d)
         out = torch.empty(q.shape)
-        if plan.decode and self.native_decode is not None:
+        if plan.decode and kernel is not None:
             qd = q.contiguous() if plan.all_decode else q.index_select(0, plan.rows)
             o = out if plan.all_decode else torch.empty(qd.shape)
-            rc = self.native_decode(qd.data_ptr(), qd.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+            rc = kernel(qd.data_ptr(), qd.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                                     plan.tables.data_ptr(), plan.tables.stride(0), plan.lens.data_ptr(), o.data_ptr(),
                                     len(plan.decode), heads, kvh, d, nb, bs, scale, self.threads,
                                     None, None, 0, None)
             if rc != 0:
-                raise RuntimeError(f"paged decode attention failed (code {rc}: -1 out of memory, -2 block size > 64)")
+                raise RuntimeError(f"paged decode attention failed (code {rc}: -1 out of memory, -2 block size > 64, -3 more than 16 query heads per kv head or head_dim > 1024)")
             if not plan.all_decode:
                 out.index_copy_(0, plan.rows, o)
         elif plan.decode:
             b = len(plan.decode)
             gather, mask = plan.fallback_index()
             kk = _keys(flat_k, gather, b, kvh, d, bs)
-            vv = flat_v.index_select(0, gather).view(b, kvh, -1, d)
+            vv = flat_v.index_select(0, gather).float().view(b, kvh, -1, d)
             qq = q.index_select(0, plan.rows).view(b, kvh, group, d)
             scores = torch.matmul(qq, kk.transpose(-1, -2)).mul_(scale)
             scores.masked_fill_(mask, float("-inf"))
@@ -150,7 +157,7 @@ class CpuPagedAttention:
             out.index_copy_(0, plan.rows, o.view(b, heads, d))
         for a, n, ctx, gather in plan.prefill_plans:
             kk = _keys(flat_k, gather, 1, kvh, d, bs)[:, :, :ctx]
-            vv = flat_v.index_select(0, gather).view(1, kvh, -1, d)[:, :, :ctx]
+            vv = flat_v.index_select(0, gather).float().view(1, kvh, -1, d)[:, :, :ctx]
             qq = q[a: a + n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, d]
             if n == ctx:
                 o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=True)

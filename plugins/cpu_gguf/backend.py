@@ -50,7 +50,7 @@ class CpuGgufBackend(Backend):
     device_type = "cpu"
     priority = 10
     quant_formats = GGUF_TYPES
-    dtypes = ("float32",)
+    dtypes = ("float32", "float16")
     description = ("CPU, GGUF weights kept quantized (int8-activation kernels; --exact: float32 reference), "
                    "paged attention over a head-major block pool")
 
@@ -68,6 +68,11 @@ class CpuGgufBackend(Backend):
     def availability(cls) -> Availability:
         return Availability.yes()  # a CPU is always there
 
+    def kv_cache_dtype(self) -> str:
+        # float16 halves the bytes every decode step streams (llama.cpp's default too); exact mode
+        # keeps float32, the reference's
+        return "float32" if self.options.exact else "float16"
+
     def available_kv_memory(self) -> int:
         """A third of the memory free now, at most 4 GiB: pages are only committed as the cache
         fills (see allocate_kv_cache), so a generous pool costs nothing until it is used."""
@@ -81,8 +86,10 @@ class CpuGgufBackend(Backend):
         vshape = (spec.num_kv_heads, spec.num_blocks, spec.block_size, spec.head_dim)
         # numpy's zeros is calloc: zeroed pages the OS commits only when first written. Zeros
         # matter: padded attention reads unused slots and multiplies them by 0, and 0 * NaN is NaN.
-        caches = [(torch.from_numpy(np.zeros(kshape, dtype=np.float32)),
-                   torch.from_numpy(np.zeros(vshape, dtype=np.float32)))
+        if spec.dtype not in ("float32", "float16"):
+            raise ValueError(f"cpu_gguf keeps its KV cache in float32 or float16, not {spec.dtype}")
+        dt = np.dtype(spec.dtype)
+        caches = [(torch.from_numpy(np.zeros(kshape, dtype=dt)), torch.from_numpy(np.zeros(vshape, dtype=dt)))
                   for _ in range(spec.num_layers)]
         self._kv_bytes = spec.bytes_per_block() * spec.num_blocks
         return caches

@@ -80,11 +80,12 @@ def load(name: str, variant: str = "native") -> ctypes.CDLL | None:
 
 
 @lru_cache(maxsize=None)
-def paged_decode():
+def paged_decode(dtype: str = "float32"):
+    """The decode kernel for a float32 or float16 KV cache (None without a compiler)."""
     lib = load("paged_attention")
     if lib is None:
         return None
-    fn = lib.ember_paged_decode
+    fn = {"float32": lib.ember_paged_decode, "float16": lib.ember_paged_decode_f16}[dtype]
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     fn.argtypes = [p, i64, p, p, p, i64, p, p, i32, i32, i32, i32, i64, i32, f32, i32, p, p, i64, p]
     fn.restype = ctypes.c_int
