@@ -10,6 +10,7 @@ float32 numerics, and a row's result does not depend on the other rows in the ba
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import numpy as np
 import torch
@@ -82,6 +83,12 @@ class QuantLinear:
             self.bias = torch.cat([b.dequantize().reshape(-1) if b is not None else torch.zeros(w.shape[0])
                                    for w, b in zip(weights, biases)]).contiguous()
         self.nbytes = sum(b.nbytes for b in self.buffers)
+        self._handle = self.kernels.new(n, self._types, self._ptrs, self._ns, self.in_features,
+                                        self.bias.data_ptr() if self.bias is not None else None, threads)
+        if not self._handle:
+            raise MemoryError("cannot allocate the quantized linear's handle")
+        # the handle points into self.buffers and self.bias, which live exactly as long as self
+        weakref.finalize(self, self.kernels.free, self._handle)
 
     @staticmethod
     def accepts(weights, kernels) -> bool:
@@ -93,17 +100,19 @@ class QuantLinear:
                 and all(kernels.repacked_size(int(w.qtype), w.shape[0], k) > 0 for w in weights))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.dtype != torch.float32 or rows.stride(-1) != 1:
-            rows = rows.float().contiguous()
-        m = rows.shape[0]
-        y = torch.empty(m, self.out_features)
-        rc = self.kernels.qlinear(len(self.buffers), self._types, self._ptrs, self._ns, self.in_features,
-                                  rows.data_ptr(), rows.stride(0), m, y.data_ptr(), self.out_features,
-                                  self.bias.data_ptr() if self.bias is not None else None, self.threads)
+        # the common case, [tokens, in_features] float32 rows, goes straight through: this runs
+        # 121 times per token for a 30-layer model
+        if x.dim() == 2 and x.dtype == torch.float32 and x.stride(1) == 1 and x.shape[1] == self.in_features:
+            rows = x
+        else:
+            rows = x.reshape(-1, self.in_features)
+            if rows.dtype != torch.float32 or rows.stride(-1) != 1:
+                rows = rows.float().contiguous()
+        y = torch.empty(rows.shape[0], self.out_features)
+        rc = self.kernels.run(self._handle, rows.data_ptr(), rows.stride(0), rows.shape[0], y.data_ptr())
         if rc != 0:
             raise RuntimeError(f"quantized linear failed (code {rc}: -1 out of memory, -2 bad shape)")
-        return y.view(*x.shape[:-1], self.out_features)
+        return y if rows is x else y.view(*x.shape[:-1], self.out_features)
 
 
 class QuantizedEmbedding:

@@ -129,6 +129,12 @@ class QuantMatmul:
         self.qlinear = lib.ember_qlinear
         self.qlinear.argtypes = [i32, p, p, p, i64, p, i64, i64, p, i64, p, i32]
         self.qlinear.restype = i32
+        self.new = lib.ember_qlinear_new
+        self.new.argtypes, self.new.restype = [i32, p, p, p, i64, p, i32], p
+        self.run = lib.ember_qlinear_run
+        self.run.argtypes, self.run.restype = [p, p, i64, i64, p], i32
+        self.free = lib.ember_qlinear_free
+        self.free.argtypes, self.free.restype = [p], None
 
 
 @lru_cache(maxsize=None)

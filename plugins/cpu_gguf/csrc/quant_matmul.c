@@ -574,3 +574,39 @@ int ember_qlinear(int nparts, const int *types, const void *const *data, const i
     free(a.hi); free(a.lo); free(a.d); free(a.sx32); free(a.sx16);
     return 0;
 }
+
+/* A layer's fixed arguments, kept on the C side: a decode step calls each layer once per token,
+ * and converting a dozen Python arguments per call costs more than a small matmul. */
+typedef struct {
+    int nparts, threads;
+    int types[64];
+    const void *data[64];
+    int64_t ns[64], K, N;
+    const float *bias;
+} QLinear;
+
+void *ember_qlinear_new(int nparts, const int *types, const void *const *data, const int64_t *ns, int64_t K,
+                        const float *bias, int threads) {
+    if (nparts < 1 || nparts > 64) return NULL;
+    QLinear *h = calloc(1, sizeof(QLinear));
+    if (!h) return NULL;
+    h->nparts = nparts;
+    h->threads = threads;
+    h->K = K;
+    h->bias = bias;
+    for (int p = 0; p < nparts; p++) {
+        h->types[p] = types[p];
+        h->data[p] = data[p];
+        h->ns[p] = ns[p];
+        h->N += ns[p];
+    }
+    return h;
+}
+
+/* y[M, N] (contiguous) = x[M, K] (row stride ldx) @ W.T (+ bias) */
+int ember_qlinear_run(const void *handle, const float *x, int64_t ldx, int64_t M, float *y) {
+    const QLinear *h = handle;
+    return ember_qlinear(h->nparts, h->types, h->data, h->ns, h->K, x, ldx, M, y, h->N, h->bias, h->threads);
+}
+
+void ember_qlinear_free(void *handle) { free(handle); }
