@@ -60,3 +60,30 @@ def test_matches_reference_over_two_steps(heads, kv_heads, block_size, seed, nat
         want = reference.paged_attention(q, k, v, rk, rv, meta, d ** -0.5)
         err = ((got - want).norm() / want.norm()).item()
         assert err < tol, f"step {step}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (8, 2), (4, 1), (6, 6)])
+def test_one_sequence_splits_its_query_heads_over_threads(heads, kv_heads, dtype):
+    """With fewer (sequence, kv head) pairs than threads can share, the C kernel gives each thread
+    a subset of a kv head's query heads; the new key and value must be in place for all of them."""
+    torch.manual_seed(heads)
+    d, bs, num_blocks, ctx = 64, 16, 8, 70
+    backend = CpuGgufBackend()
+    (kc, vc), = backend.allocate_kv_cache(KVCacheSpec(1, num_blocks, bs, kv_heads, d, dtype))
+    attn = CpuPagedAttention(threads=2)
+    if attn.native_decode is None:
+        pytest.skip("no C compiler: the native kernel could not be built")
+    rk, rv = torch.zeros(num_blocks, bs, kv_heads, d), torch.zeros(num_blocks, bs, kv_heads, d)
+    table = [5, 2, 7, 0, 3]
+    for chunk in [(0, ctx - 1), (ctx - 1, 1)]:  # a prefill, then one decode step (the C path)
+        meta = meta_for([chunk], [table], bs)
+        t = chunk[1]
+        # the fused projection's layout: q, k, v are row-strided views of one [t, width] tensor
+        qkv = torch.randn(t, (heads + 2 * kv_heads) * d)
+        q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        q, k, v = q.view(t, heads, d), k.view(t, kv_heads, d), v.view(t, kv_heads, d)
+        got = attn.forward(q, k, v, kc, vc, meta, d ** -0.5)
+        want = reference.paged_attention(q, k, v, rk, rv, meta, d ** -0.5)
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < (1e-5 if dtype == "float32" else 2e-3), f"{chunk}: relative error {err:.2e}"

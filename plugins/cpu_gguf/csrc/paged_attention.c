@@ -129,20 +129,20 @@ PV64(_Float16)
         int64_t max_len = 0;                                                                                \
         for (int b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;                \
         int failed = 0;                                                                                     \
+        /* few (sequence, kv head) pairs for the threads (one stream: 3 pairs on 2 threads): split each */ \
+        /* pair's query heads into `split` units; they share the pair's keys and values through cache */ \
+        int split = 1;                                                                                      \
+        while ((int64_t)B * KVH * split < 2 * nthreads && split < group) {                                  \
+            int next = split + 1;                                                                           \
+            while (group % next) next++;                                                                    \
+            split = next;                                                                                   \
+        }                                                                                                   \
+        const int per = group / split;                                                                      \
         _Pragma("omp parallel num_threads(nthreads)") {                                                     \
-            float *scores = malloc(sizeof(float) * (size_t)group * (size_t)(max_len > 0 ? max_len : 1));    \
-            float vrow[1024];                                                                               \
-            if (!scores) {                                                                                  \
-                _Pragma("omp atomic write") failed = 1;                                                     \
-            }                                                                                               \
-            _Pragma("omp for schedule(dynamic, 1)") for (int64_t pair = 0; pair < (int64_t)B * KVH; pair++) { \
-                if (!scores) continue;                                                                      \
-                const int b = (int)(pair / KVH), kh = (int)(pair % KVH);                                    \
-                const int64_t len = seq_lens[b];                                                            \
-                const int64_t *table = block_tables + (int64_t)b * bt_stride;                               \
-                const T *kbase = k_cache + (int64_t)kh * NB * BS * D;                                       \
-                const T *vbase = v_cache + (int64_t)kh * NB * BS * D;                                       \
-                if (k_new) { /* this pair's own head and slot: no other pair reads it this step */         \
+            /* new keys and values first, so every unit of a pair sees them */                              \
+            if (k_new) {                                                                                    \
+                _Pragma("omp for schedule(static)") for (int64_t pair = 0; pair < (int64_t)B * KVH; pair++) { \
+                    const int b = (int)(pair / KVH), kh = (int)(pair % KVH);                                \
                     const int64_t blk = slots[b] / BS, slot = slots[b] % BS;                                \
                     const float *kn = k_new + (int64_t)b * ldkv + (int64_t)kh * D;                          \
                     const float *vn = v_new + (int64_t)b * ldkv + (int64_t)kh * D;                          \
@@ -151,8 +151,23 @@ PV64(_Float16)
                     for (int d = 0; d < D; d++) kb[(int64_t)d * BS + slot] = (T)kn[d];                      \
                     for (int d = 0; d < D; d++) vb[slot * D + d] = (T)vn[d];                                \
                 }                                                                                           \
-                const float *qh = q + (int64_t)b * ldq + (int64_t)kh * group * D;                           \
-                float *oh = out + ((int64_t)b * H + (int64_t)kh * group) * D;                               \
+            }                                                                                               \
+            float *scores = malloc(sizeof(float) * (size_t)per * (size_t)(max_len > 0 ? max_len : 1));      \
+            float vrow[1024];                                                                               \
+            if (!scores) {                                                                                  \
+                _Pragma("omp atomic write") failed = 1;                                                     \
+            }                                                                                               \
+            _Pragma("omp for schedule(dynamic, 1)") for (int64_t unit = 0; unit < (int64_t)B * KVH * split; unit++) { \
+                if (!scores) continue;                                                                      \
+                const int64_t pair = unit / split;                                                          \
+                const int b = (int)(pair / KVH), kh = (int)(pair % KVH), sub = (int)(unit % split);          \
+                const int64_t len = seq_lens[b];                                                            \
+                const int64_t *table = block_tables + (int64_t)b * bt_stride;                               \
+                const T *kbase = k_cache + (int64_t)kh * NB * BS * D;                                       \
+                const T *vbase = v_cache + (int64_t)kh * NB * BS * D;                                       \
+                const int group = per; /* the query heads this unit serves */                               \
+                const float *qh = q + (int64_t)b * ldq + ((int64_t)kh * split + sub) * per * D;             \
+                float *oh = out + ((int64_t)b * H + ((int64_t)kh * split + sub) * per) * D;                 \
                 /* scores for every cached position, block by block; a partial last block is computed */   \
                 /* whole into a scratch row and cut to length */                                            \
                 float row[MAX_GROUP * 64];                                                                  \
