@@ -97,6 +97,7 @@ class CpuPagedAttention:
         self._plan: _Plan | None = None
         # one kernel per cache element type; the cache's dtype picks (see backend.kv_cache_dtype)
         self._native = {dt: native.paged_decode(dt) if use_native else None for dt in ("float32", "float16")}
+        self._write = {dt: native.write_kv(dt) if use_native else None for dt in ("float32", "float16")}
         self.native_decode = self._native["float32"]
         self.threads = threads or torch.get_num_threads()
 
@@ -128,8 +129,13 @@ class CpuPagedAttention:
         return out
 
     def _general(self, kernel, plan, q, k, v, k_cache, v_cache, meta, scale):
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.k_offsets)
         kvh, nb, bs, d = v_cache.shape
+        write = self._write.get(_DTYPES.get(k_cache.dtype))
+        if write is not None and _rows_of_heads(k) and _rows_of_heads(v) and k.stride(0) == v.stride(0):
+            write(k.shape[0], k.data_ptr(), v.data_ptr(), k.stride(0), meta.slot_mapping.data_ptr(),
+                  k_cache.data_ptr(), v_cache.data_ptr(), kvh, d, nb, bs, self.threads)
+        else:
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.k_offsets)
         heads = q.shape[1]
         group = heads // kvh
         flat_k, flat_v = k_cache.view(kvh * nb, d, bs), v_cache.view(kvh * nb, bs, d)

@@ -92,6 +92,19 @@ def paged_decode(dtype: str = "float32"):
     return fn
 
 
+@lru_cache(maxsize=None)
+def write_kv(dtype: str = "float32"):
+    """Scatter new keys and values into a float32 or float16 cache (None without a compiler)."""
+    lib = load("paged_attention")
+    if lib is None:
+        return None
+    fn = {"float32": lib.ember_write_kv, "float16": lib.ember_write_kv_f16}[dtype]
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [i64, p, p, i64, p, p, p, i32, i32, i64, i32, i32]
+    fn.restype = None
+    return fn
+
+
 class LayerOpsLib:
     """csrc/layer_ops.c: RMSNorm (with the residual add), RoPE in place, SwiGLU."""
 

@@ -207,6 +207,22 @@ PV64(_Float16)
         return failed ? -1 : 0;                                                                             \
     }
 
+// Write T new keys and values (k_new, v_new: [T, KVH, D], row stride ldkv) at their cache slots.
+#define DEFINE_WRITE(NAME, T)                                                                               \
+    void NAME(int64_t ntok, const float *k_new, const float *v_new, int64_t ldkv, const int64_t *slots,       \
+              T *k_cache, T *v_cache, int KVH, int D, int64_t NB, int BS, int nthreads) {                     \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if (ntok * KVH >= 64)")             \
+        for (int64_t i = 0; i < ntok * KVH; i++) {                                                          \
+            const int64_t t = i / KVH, kh = i % KVH, blk = slots[t] / BS, slot = slots[t] % BS;             \
+            const float *kn = k_new + t * ldkv + kh * D, *vn = v_new + t * ldkv + kh * D;                  \
+            T *kb = k_cache + (kh * NB + blk) * BS * D, *vb = v_cache + (kh * NB + blk) * BS * D;           \
+            for (int d = 0; d < D; d++) kb[(int64_t)d * BS + slot] = (T)kn[d];                              \
+            for (int d = 0; d < D; d++) vb[slot * D + d] = (T)vn[d];                                        \
+        }                                                                                                   \
+    }
+DEFINE_WRITE(ember_write_kv, float)
+DEFINE_WRITE(ember_write_kv_f16, _Float16)
+
 // q: [B, H, D] with row stride ldq; out: [B, H, D]; block_tables: [B, bt_stride]; seq_lens: [B].
 // When k_new is not NULL, each row's new key and value (k_new, v_new: [B, KVH, D], row stride ldkv)
 // are first written at slots[b]. Returns 0; -1 out of memory; -2 block size > 64; -3 more than 16

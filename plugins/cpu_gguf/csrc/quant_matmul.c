@@ -541,7 +541,10 @@ int ember_qlinear(int nparts, const int *types, const void *const *data, const i
 #ifdef EMBER_AMX
         int tiles = 0; /* the group size this thread's tiles are configured for; 0: none */
 #endif
-        #pragma omp for schedule(static)
+        /* dynamic: when another busy thread (a server's event loop) takes a core for a while, the
+         * other kernel thread picks up the panels instead of waiting at the end; a panel's result
+         * does not depend on which thread computes it */
+        #pragma omp for schedule(dynamic, 2)
         for (int64_t pi = 0; pi < panels; pi++) {
             int p = 0;
             while (pi >= first[p + 1]) p++;
