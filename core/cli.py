@@ -199,14 +199,14 @@ def _chat_loop(reply_to) -> int:
 
 def cmd_serve(args) -> int:
     try:
-        from ember.server.serve import api_key_from_env, build_app, serve
+        from ember.server.serve import api_key_from_env, build_app, load_in_passing_thread, serve
     except ImportError as e:
         print(f"error: the server needs the serve extra (pip install 'ember[serve]'): {e}", file=sys.stderr)
         return 1
     from ember.store import ModelStore
 
     path = _ensure_model(args.model)
-    llm = _make_llm(args, path)
+    llm = load_in_passing_thread(lambda: _make_llm(args, path))
     name = args.served_model_name or (args.model if not os.path.exists(args.model) else path.stem)
     app = build_app(llm, name, api_key=api_key_from_env(args.api_key), max_waiting=args.max_waiting,
                     max_body_bytes=args.max_body_bytes, store=ModelStore())

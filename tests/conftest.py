@@ -67,7 +67,9 @@ def server(smollm2_gguf):
     from ember.llm import LLM
     from ember.server.serve import BackgroundServer, build_app
 
-    llm = LLM(str(smollm2_gguf), max_model_len=2048)
+    from ember.server.serve import load_in_passing_thread
+
+    llm = load_in_passing_thread(lambda: LLM(str(smollm2_gguf), max_model_len=2048))
     app = build_app(llm, "smollm2")
     with BackgroundServer(app) as srv:
         srv.app = app

@@ -219,3 +219,19 @@ def test_json_body_without_json_content_type(tiny_llm):
         assert r.status_code == 200 and r.json()["done"] is True
         r = httpx.post(f"{srv.url}/v1/completions", content='{"model": "tiny", "prompt": "hi", "max_tokens": 2}')
         assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+
+
+def test_load_in_passing_thread_returns_or_raises_and_leaves_no_thread():
+    import threading
+
+    from ember.server.serve import load_in_passing_thread
+
+    seen = []
+    assert load_in_passing_thread(lambda: seen.append(threading.current_thread()) or 42) == 42
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def broken():
+        raise ValueError("bad model file")
+
+    with pytest.raises(ValueError, match="bad model file"):
+        load_in_passing_thread(broken)

@@ -35,6 +35,8 @@ class EngineMetrics:
         self.requests_aborted = c("request_aborted", "Requests aborted (client gone, or shutdown)")
         self.batch_size = h("step_running_requests", "Sequences computed together in one engine step",
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.step_time = h("engine_step_seconds", "Wall time of one engine step (schedule, forward, sample)",
+                           buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0))
         self.ttft = h("time_to_first_token_seconds", "Time from arrival to the first token")
         self.itl = h("inter_token_latency_seconds", "Time between two tokens of a request")
         self.e2e = h("e2e_request_latency_seconds", "Time from arrival to the last token")
@@ -62,6 +64,7 @@ class EngineMetrics:
         self._delta("pt", engine.stats["prompt_tokens"], self.prompt_tokens)
         self._delta("gt", engine.stats["generation_tokens"], self.generation_tokens)
         self.batch_size.observe(len(sched.running))
+        self.step_time.observe(seconds)
         now = time.time()
         for out in outs:
             m = out.metrics
