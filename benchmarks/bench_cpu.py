@@ -29,6 +29,7 @@ def ember_figures(model: str, threads: int) -> dict:
     path = ModelStore().resolve(model) if not Path(model).exists() else Path(model)
     llm = LLM(str(path), threads=threads, max_model_len=1024, kv_cache_memory=1024**3)
     out = {"backend": llm.engine.backend_info.name}
+    throughput(llm, 1, 128, 16)  # a warm-up pass, as llama-bench makes: page faults, kernel builds
     single = throughput(llm, 1, 128, 128)
     out["decode_1"] = single["decode_tok_s"]
     out["prefill_512"] = throughput(llm, 1, 512, 1)["prefill_tok_s"]

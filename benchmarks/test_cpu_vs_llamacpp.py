@@ -14,7 +14,11 @@ BATCHES = (8, 32, 64)
 def llm(model_path, threads):
     from ember.llm import LLM
 
-    return LLM(str(model_path), threads=threads, max_model_len=1024, kv_cache_memory=1024**3)
+    from ember.bench import throughput
+
+    llm = LLM(str(model_path), threads=threads, max_model_len=1024, kv_cache_memory=1024**3)
+    throughput(llm, 1, 128, 16)  # a warm-up pass, as llama-bench makes
+    return llm
 
 
 @pytest.fixture(scope="module")
