@@ -159,6 +159,10 @@ def test_64_concurrent_streams_are_batched(server):
         m = re.search(r'^ember:step_running_requests_bucket\{le="16\.0",model_name="smollm2"\} (\S+)$', text, re.M)
         return total - float(m.group(1))
     assert big_steps(after) - big_steps(before) > 0
+    # and every one of those steps was timed
+    steps = metric(after, "ember:engine_step_seconds_count") - metric(before, "ember:engine_step_seconds_count")
+    assert steps == metric(after, "ember:step_running_requests_count") - metric(before, "ember:step_running_requests_count")
+    assert metric(after, "ember:engine_step_seconds_sum") > metric(before, "ember:engine_step_seconds_sum")
 
 
 @pytest.mark.slow
