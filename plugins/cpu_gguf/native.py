@@ -79,30 +79,30 @@ def load(name: str, variant: str = "native") -> ctypes.CDLL | None:
     return ctypes.CDLL(str(target))
 
 
-@lru_cache(maxsize=None)
-def paged_decode(dtype: str = "float32"):
-    """The decode kernel for a float32 or float16 KV cache (None without a compiler)."""
+_p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
+def _attention_fn(name: str, dtype: str, argtypes: list, restype):
+    """csrc/paged_attention.c's `name` for a float32 cache, or `name`_f16 for a float16 one."""
     lib = load("paged_attention")
     if lib is None:
         return None
-    fn = {"float32": lib.ember_paged_decode, "float16": lib.ember_paged_decode_f16}[dtype]
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [p, i64, p, p, p, i64, p, p, i32, i32, i32, i32, i64, i32, f32, i32, p, p, i64, p]
-    fn.restype = ctypes.c_int
+    fn = getattr(lib, {"float32": name, "float16": name + "_f16"}[dtype])
+    fn.argtypes, fn.restype = argtypes, restype
     return fn
+
+
+@lru_cache(maxsize=None)
+def paged_decode(dtype: str = "float32"):
+    """The decode kernel for a float32 or float16 KV cache (None without a compiler)."""
+    return _attention_fn("ember_paged_decode", dtype, [_p, _i64, _p, _p, _p, _i64, _p, _p, _i32, _i32, _i32, _i32,
+                                                       _i64, _i32, _f32, _i32, _p, _p, _i64, _p], ctypes.c_int)
 
 
 @lru_cache(maxsize=None)
 def write_kv(dtype: str = "float32"):
     """Scatter new keys and values into a float32 or float16 cache (None without a compiler)."""
-    lib = load("paged_attention")
-    if lib is None:
-        return None
-    fn = {"float32": lib.ember_write_kv, "float16": lib.ember_write_kv_f16}[dtype]
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [i64, p, p, i64, p, p, p, i32, i32, i64, i32, i32]
-    fn.restype = None
-    return fn
+    return _attention_fn("ember_write_kv", dtype, [_i64, _p, _p, _i64, _p, _p, _p, _i32, _i32, _i64, _i32, _i32], None)
 
 
 class LayerOpsLib:
