@@ -192,3 +192,17 @@ def test_fused_swiglu_matches_torch(rows):
     gu = torch.randn(rows, 2 * 1536) * 4
     gu[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's clamped ends
     assert torch.allclose(ops.swiglu(gu), ref.swiglu(gu), rtol=1e-5, atol=1e-6)
+
+
+def test_the_native_build_uses_what_the_cpu_has():
+    """The numbers would be right on the scalar fallback too, only slow: check the native build
+    really compiled the vector paths this CPU offers, and the portable one did not."""
+    ks, portable = kernels("native"), kernels("portable")
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert ks.vectorized == ("avx512_vnni" in flags and "avx512bw" in flags and "avx512vl" in flags)
+    assert not portable.vectorized and not portable.amx
+    if not ("amx_int8" in flags and "amx_tile" in flags):
+        assert not ks.amx

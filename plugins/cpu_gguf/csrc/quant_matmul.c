@@ -1,4 +1,4 @@
-/* Quantized linear layers: y = x @ W.T with W kept in 4 or 8 bits and x quantized to int8 per row.
+/* Quantized linear layers: y = x @ W.T with W kept in 4 or 8 bits and x quantized per row.
  *
  * Weights are repacked once, at load, from their GGUF blocks into panels of 16 output rows. Every
  * supported type is, exactly, w = s * u + m per group of 32 values (16 for Q6_K): u an unsigned
@@ -16,7 +16,8 @@
  * and each (panel, row) pair runs the same operations in the same order whatever the tile, batch
  * size or thread count: results are bitwise independent of batching (the tests check it).
  *
- * With AVX512-VNNI the inner loop is vpdpbusd; elsewhere a portable scalar loop computes the same.
+ * With AVX512-VNNI the inner loop is vpdpbusd, and blocks of 16 rows run on AMX tiles where the
+ * CPU and kernel allow; elsewhere a portable scalar loop computes the same quantities.
  */
 #define _GNU_SOURCE /* syscall() for arch_prctl */
 #include <math.h>
@@ -76,9 +77,10 @@ static void k4_scale_min(int j, const uint8_t *q, int *sc, int *m) {
 }
 
 /* ---------------------------------------------------------------------------------------------
- * The scalar description of a chunk: what both paths compute. Values 64c .. 64c+63 of a row.
- * s[g], m[g] per group of 16 values (a 32-group repeats its numbers); m is 0 for zero-point types.
- * `half` set: only the first 32 values exist (a row of 32 * odd length); the rest read as zero.
+ * One chunk of a row in its GGUF blocks, decoded for the repacker: values 64c .. 64c+63 as
+ * unsigned integers u, with s[g], m[g] per group of 16 values (a 32-group repeats its numbers; m is
+ * 0 for zero-point types, whose zero point is returned). `half` set: only the first 32 values
+ * exist (a row of 32 * odd length); the rest read as zero.
  * ------------------------------------------------------------------------------------------- */
 static int chunk_scalar(int t, const uint8_t *row, int64_t c, int half, uint8_t u[64], float s[4], float m[4]) {
     int z = 0;
