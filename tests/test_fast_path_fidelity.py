@@ -34,11 +34,9 @@ def perplexity(llm: LLM) -> float:
 
 
 def both(path):
-    """(exact, fast) results for one file, one engine at a time to keep memory down."""
-    out = []
+    """The exact engine, then the fast one, for one file: one at a time, to keep memory down."""
     for exact in (True, False):
         llm = LLM(str(path), max_model_len=1024, exact=exact, kv_cache_memory=256 * 1024**2)
-        out.append(llm)
         yield llm
         del llm
         gc.collect()
