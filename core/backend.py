@@ -56,11 +56,11 @@ class KVCacheSpec:
 
     @property
     def itemsize(self) -> int:
-        return {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}.get(self.dtype, 4)
+        return {"float32": 4, "float16": 2, "bfloat16": 2}.get(self.dtype, 4)
 
-    def bytes_per_block(self, itemsize: int | None = None) -> int:
+    def bytes_per_block(self) -> int:
         # K and V for every layer
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * (itemsize or self.itemsize)
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.itemsize
 
 
 @dataclass

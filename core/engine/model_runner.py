@@ -54,14 +54,14 @@ def structured_masks(seqs: list[Sequence], width: int) -> torch.Tensor:
     return torch.from_numpy(masks)
 
 
-def kv_spec_for(cfg: ModelConfig, cache: CacheConfig, backend: Backend, itemsize: int | None = None) -> KVCacheSpec:
+def kv_spec_for(cfg: ModelConfig, cache: CacheConfig, backend: Backend) -> KVCacheSpec:
     probe = KVCacheSpec(cfg.num_layers, 1, cache.block_size, cfg.num_kv_heads, cfg.head_dim,
                         backend.kv_cache_dtype())
     budget = cache.kv_cache_memory or backend.available_kv_memory() or DEFAULT_KV_BYTES
-    num_blocks = cache.num_blocks if cache.num_blocks is not None else budget // probe.bytes_per_block(itemsize)
+    num_blocks = cache.num_blocks if cache.num_blocks is not None else budget // probe.bytes_per_block()
     if num_blocks < 1:
         raise ValueError(f"the KV-cache budget ({budget} bytes) is smaller than one block "
-                         f"({probe.bytes_per_block(itemsize)} bytes)")
+                         f"({probe.bytes_per_block()} bytes)")
     return KVCacheSpec(cfg.num_layers, num_blocks, cache.block_size, cfg.num_kv_heads, cfg.head_dim,
                        probe.dtype)
 

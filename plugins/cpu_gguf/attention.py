@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ember.backend import AttentionMetadata
 from ember_cpu_gguf import native
+from ember_cpu_gguf.layer_ops import heads_view
 
 
 def key_offsets(slot_mapping: torch.Tensor, head_dim: int, block_size: int) -> torch.Tensor:
@@ -27,11 +28,6 @@ def key_offsets(slot_mapping: torch.Tensor, head_dim: int, block_size: int) -> t
 
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16"}
-
-
-def _rows_of_heads(t: torch.Tensor) -> bool:
-    """float32 [tokens, heads, head_dim], heads back to back within a token (rows may be strided)."""
-    return t.dtype == torch.float32 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping, k_offsets=None) -> None:
@@ -62,8 +58,7 @@ class _Plan:
         heads = torch.arange(num_kv_heads)[:, None, None] * num_blocks
         if self.decode:
             idx = torch.tensor(self.decode, dtype=torch.long)
-            self.length = max(meta.seq_lens_list[i] for i in self.decode)
-            nblk = -(-self.length // bs)
+            nblk = -(-max(meta.seq_lens_list[i] for i in self.decode) // bs)
             tables = meta.block_tables[idx, :nblk].contiguous()  # [B, nblk]
             self.tables, self.lens = tables, meta.seq_lens[idx].contiguous()
             self.rows = torch.tensor([starts[i] for i in self.decode], dtype=torch.long)
@@ -110,8 +105,8 @@ class CpuPagedAttention:
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         plan = self.plan(meta, k_cache)
         kernel = self._native.get(_DTYPES.get(k_cache.dtype))
-        if (plan.all_decode and kernel is not None and _rows_of_heads(q) and _rows_of_heads(k)
-                and _rows_of_heads(v) and k.stride(0) == v.stride(0)):
+        if (plan.all_decode and kernel is not None and heads_view(q) and heads_view(k)
+                and heads_view(v) and k.stride(0) == v.stride(0)):
             return self._decode_in_c(kernel, plan, q, k, v, k_cache, v_cache, meta, scale)
         return self._general(kernel, plan, q, k, v, k_cache, v_cache, meta, scale)
 
@@ -131,7 +126,7 @@ class CpuPagedAttention:
     def _general(self, kernel, plan, q, k, v, k_cache, v_cache, meta, scale):
         kvh, nb, bs, d = v_cache.shape
         write = self._write.get(_DTYPES.get(k_cache.dtype))
-        if write is not None and _rows_of_heads(k) and _rows_of_heads(v) and k.stride(0) == v.stride(0):
+        if write is not None and heads_view(k) and heads_view(v) and k.stride(0) == v.stride(0):
             write(k.shape[0], k.data_ptr(), v.data_ptr(), k.stride(0), meta.slot_mapping.data_ptr(),
                   k_cache.data_ptr(), v_cache.data_ptr(), kvh, d, nb, bs, self.threads)
         else:

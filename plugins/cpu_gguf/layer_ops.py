@@ -12,8 +12,9 @@ def _rows(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.dim() == 2 and t.stride(1) == 1
 
 
-def _heads(t: torch.Tensor) -> bool:
-    """A float32 [tokens, heads, head_dim] view whose heads sit back to back within a token."""
+def heads_view(t: torch.Tensor) -> bool:
+    """A float32 [tokens, heads, head_dim] view whose heads sit back to back within a token (the
+    tokens may be strided: q, k and v as views of one fused projection)."""
     return t.dtype == torch.float32 and t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
 
 
@@ -34,7 +35,7 @@ class NativeLayerOps(LayerOps):
         return out, (x if residual is None else residual)
 
     def rope(self, q, k, positions, cos, sin):
-        if not (_heads(q) and _heads(k) and q.shape[2] == k.shape[2] and positions.dtype == torch.int64
+        if not (heads_view(q) and heads_view(k) and q.shape[2] == k.shape[2] and positions.dtype == torch.int64
                 and positions.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
                 and cos.dtype == sin.dtype == torch.float32 and positions.numel() == q.shape[0]):
             return super().rope(q, k, positions, cos, sin)

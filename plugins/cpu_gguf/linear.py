@@ -64,7 +64,6 @@ class QuantLinear:
             raise ValueError("QuantLinear needs quantized weights of one width, in types the kernel supports")
         self.in_features = weights[0].shape[1]
         self.out_features = sum(w.shape[0] for w in weights)
-        self.threads = threads
         self.buffers = []
         for w in weights:
             rows, qtype = w.shape[0], int(w.qtype)
@@ -75,19 +74,19 @@ class QuantLinear:
                 raise ValueError(f"{w.name}: cannot repack {w.qtype.name} weights (code {rc})")
             self.buffers.append(buf)
         n = len(weights)
-        self._types = (ctypes.c_int * n)(*(int(w.qtype) for w in weights))
-        self._ptrs = (ctypes.c_void_p * n)(*(b.ctypes.data for b in self.buffers))
-        self._ns = (ctypes.c_int64 * n)(*(w.shape[0] for w in weights))
+        types = (ctypes.c_int * n)(*(int(w.qtype) for w in weights))
+        ptrs = (ctypes.c_void_p * n)(*(b.ctypes.data for b in self.buffers))
+        rows = (ctypes.c_int64 * n)(*(w.shape[0] for w in weights))
         self.bias = None
         if biases and any(b is not None for b in biases):
             self.bias = torch.cat([b.dequantize().reshape(-1) if b is not None else torch.zeros(w.shape[0])
                                    for w, b in zip(weights, biases)]).contiguous()
         self.nbytes = sum(b.nbytes for b in self.buffers)
-        self._handle = self.kernels.new(n, self._types, self._ptrs, self._ns, self.in_features,
+        # the handle copies the part lists; it points into self.buffers and self.bias
+        self._handle = self.kernels.new(n, types, ptrs, rows, self.in_features,
                                         self.bias.data_ptr() if self.bias is not None else None, threads)
         if not self._handle:
             raise MemoryError("cannot allocate the quantized linear's handle")
-        # the handle points into self.buffers and self.bias, which live exactly as long as self
         weakref.finalize(self, self.kernels.free, self._handle)
 
     @staticmethod

@@ -139,9 +139,6 @@ class QuantMatmul:
         self.repacked_size.argtypes, self.repacked_size.restype = [i32, i64, i64], i64
         self.repack = lib.ember_repack
         self.repack.argtypes, self.repack.restype = [i32, p, i64, i64, p, i32], i32
-        self.qlinear = lib.ember_qlinear
-        self.qlinear.argtypes = [i32, p, p, p, i64, p, i64, i64, p, i64, p, i32]
-        self.qlinear.restype = i32
         self.new = lib.ember_qlinear_new
         self.new.argtypes, self.new.restype = [i32, p, p, p, i64, p, i32], p
         self.run = lib.ember_qlinear_run

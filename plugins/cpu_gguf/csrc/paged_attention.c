@@ -98,6 +98,18 @@ PV64(_Float16)
     } while (0)
 #endif
 
+// One token's key and value for one kv head, into its slot (keys transposed within the block).
+#define DEFINE_SLOT_WRITE(T)                                                                                \
+    static inline void write_slot_##T(const float *kn, const float *vn, T *k_cache, T *v_cache, int64_t kh,     \
+                                      int64_t slot_id, int D, int64_t NB, int BS) {                          \
+        const int64_t blk = slot_id / BS, slot = slot_id % BS;                                             \
+        T *kb = k_cache + (kh * NB + blk) * BS * D, *vb = v_cache + (kh * NB + blk) * BS * D;               \
+        for (int d = 0; d < D; d++) kb[(int64_t)d * BS + slot] = (T)kn[d];                                  \
+        for (int d = 0; d < D; d++) vb[slot * D + d] = (T)vn[d];                                            \
+    }
+DEFINE_SLOT_WRITE(float)
+DEFINE_SLOT_WRITE(_Float16)
+
 // One body, two cache element types.
 #define DEFINE_DECODE(NAME, T)                                                                              \
     /* s[g][j] = scale * sum_d q[g][d] * kblock[d][j], for the block's bs slots and each query head g */  \
@@ -143,13 +155,8 @@ PV64(_Float16)
             if (k_new) {                                                                                    \
                 _Pragma("omp for schedule(static)") for (int64_t pair = 0; pair < (int64_t)B * KVH; pair++) { \
                     const int b = (int)(pair / KVH), kh = (int)(pair % KVH);                                \
-                    const int64_t blk = slots[b] / BS, slot = slots[b] % BS;                                \
-                    const float *kn = k_new + (int64_t)b * ldkv + (int64_t)kh * D;                          \
-                    const float *vn = v_new + (int64_t)b * ldkv + (int64_t)kh * D;                          \
-                    T *kb = k_cache + ((int64_t)kh * NB + blk) * BS * D;                                    \
-                    T *vb = v_cache + ((int64_t)kh * NB + blk) * BS * D;                                    \
-                    for (int d = 0; d < D; d++) kb[(int64_t)d * BS + slot] = (T)kn[d];                      \
-                    for (int d = 0; d < D; d++) vb[slot * D + d] = (T)vn[d];                                \
+                    write_slot_##T(k_new + (int64_t)b * ldkv + (int64_t)kh * D, v_new + (int64_t)b * ldkv + (int64_t)kh * D, \
+                                   k_cache, v_cache, kh, slots[b], D, NB, BS);                             \
                 }                                                                                           \
             }                                                                                               \
             float *scores = malloc(sizeof(float) * (size_t)per * (size_t)(max_len > 0 ? max_len : 1));      \
@@ -213,11 +220,8 @@ PV64(_Float16)
               T *k_cache, T *v_cache, int KVH, int D, int64_t NB, int BS, int nthreads) {                     \
         _Pragma("omp parallel for num_threads(nthreads) schedule(static) if (ntok * KVH >= 64)")             \
         for (int64_t i = 0; i < ntok * KVH; i++) {                                                          \
-            const int64_t t = i / KVH, kh = i % KVH, blk = slots[t] / BS, slot = slots[t] % BS;             \
-            const float *kn = k_new + t * ldkv + kh * D, *vn = v_new + t * ldkv + kh * D;                  \
-            T *kb = k_cache + (kh * NB + blk) * BS * D, *vb = v_cache + (kh * NB + blk) * BS * D;           \
-            for (int d = 0; d < D; d++) kb[(int64_t)d * BS + slot] = (T)kn[d];                              \
-            for (int d = 0; d < D; d++) vb[slot * D + d] = (T)vn[d];                                        \
+            const int64_t t = i / KVH, kh = i % KVH;                                                        \
+            write_slot_##T(k_new + t * ldkv + kh * D, v_new + t * ldkv + kh * D, k_cache, v_cache, kh, slots[t], D, NB, BS); \
         }                                                                                                   \
     }
 DEFINE_WRITE(ember_write_kv, float)
