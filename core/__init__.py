@@ -6,7 +6,7 @@ __all__ = ["LLM", "SamplingParams", "__version__"]
 
 
 def __getattr__(name):
-    # LLM pulls in torch and the engine; keep `import ember` light for the CLI and plugins
+    # LLM pulls in the engine; keep `import ember` light for the CLI and plugins
     if name == "LLM":
         from ember.llm import LLM
 

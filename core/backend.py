@@ -176,6 +176,6 @@ class Backend(ABC):
     ) -> "ModelRunner":
         """Build the runner that executes scheduler steps. The default drives the core's torch
         model with this backend's kernels; a backend with its own runtime overrides this."""
-        from ember.engine.model_runner import TorchModelRunner
+        from ember.engine.torch_runner import TorchModelRunner
 
         return TorchModelRunner(self, model_config, weights, cache_config)

@@ -40,4 +40,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
-    prompt_logits: object = None  # [prompt_len, vocab] tensor when asked for
+    prompt_logits: object = None  # [prompt_len, vocab] array (numpy or torch, as the runner made it) when asked for

@@ -29,7 +29,6 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ember.sampling_params import StructuredOutput
 
@@ -186,13 +185,8 @@ class StructuredMatcher:
         self._stop_ids = stop_ids
         self.error: str | None = None  # set once llguidance reports an internal failure
 
-    def fill_mask(self, row: torch.Tensor | np.ndarray) -> None:
-        """Write the allowed tokens into `row`, a zeroed CPU bool vector as wide as the logits.
-
-        Works in numpy: its ops stay on the calling thread, while torch would split a 50k-element
-        op across its intra-op threads and, on a busy CPU, wait for them.
-        """
-        out = row.numpy() if isinstance(row, torch.Tensor) else row
+    def fill_mask(self, out: np.ndarray) -> None:
+        """Write the allowed tokens into `out`, a zeroed bool vector as wide as the logits."""
         width = min(self._vocab, out.shape[0])
         if self.error is None:
             try:
@@ -211,8 +205,8 @@ class StructuredMatcher:
                 if t < out.shape[0]:
                     out[t] = True
 
-    def allowed_mask(self, vocab_size: int | None = None) -> torch.Tensor:
-        row = torch.zeros(vocab_size or self._vocab, dtype=torch.bool)
+    def allowed_mask(self, vocab_size: int | None = None) -> np.ndarray:
+        row = np.zeros(vocab_size or self._vocab, dtype=np.bool_)
         self.fill_mask(row)
         return row
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ember.config import ModelConfig, RopeScaling
 
 from . import quants
 from .reader import GGUFError, GGUFFile
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class QuantWeight:
     data: np.ndarray  # uint8 [rows, row_nbytes]; 1-D tensors as [1, nbytes]
     gguf_name: str = ""
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self) -> "torch.Tensor":
         return quants.dequantize(self.data, self.qtype, self.shape)
 
 

@@ -6,13 +6,15 @@ Scale products are formed first and then applied: (d * sc) * q - (dmin * m), nev
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from .reader import GGUFError
+
+if TYPE_CHECKING:
+    import torch
 
 QK_K = 256
 
@@ -134,7 +136,7 @@ _BLOCK_DEQUANT: dict[Q, Callable[[torch.Tensor], torch.Tensor]] = {
     Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1, Q.Q8_0: _q8_0,
     Q.Q2_K: _q2_k, Q.Q3_K: _q3_k, Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k,
 }
-_FLOAT_DTYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+_FLOAT_DTYPES = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}  # torch dtype names
 SUPPORTED_QTYPES: frozenset[Q] = frozenset(_FLOAT_DTYPES) | frozenset(_BLOCK_DEQUANT)
 
 
@@ -161,6 +163,11 @@ def row_nbytes(qtype, n_cols: int) -> int:
 
 def dequantize(raw: np.ndarray | torch.Tensor, qtype, shape: Sequence[int]) -> torch.Tensor:
     """Dequantize rows stored back to back in `raw` (uint8) into a float32 tensor of `shape`."""
+    # Bound module-wide for the block helpers, here rather than at the top: reading a model's
+    # config and weights (ember.gguf.loader imports this module) must not pull torch in.
+    global torch
+    import torch
+
     qtype = _check_supported(qtype)
     shape = tuple(int(s) for s in shape)
     if not shape:
@@ -175,7 +182,7 @@ def dequantize(raw: np.ndarray | torch.Tensor, qtype, shape: Sequence[int]) -> t
                         f"got {b.numel()}")
     b = b.reshape(-1)
     if qtype in _FLOAT_DTYPES:
-        out = b.view(_FLOAT_DTYPES[qtype]).float()
+        out = b.view(getattr(torch, _FLOAT_DTYPES[qtype])).float()
         if qtype == Q.F32 and not owned:
             out = out.clone()  # never alias the caller's buffer
         return out.reshape(shape)

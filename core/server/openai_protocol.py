@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-# seeds go to torch.Generator.manual_seed after adding the sample index (< 16): int64 stays in range
+# any signed 64-bit seed (OpenAI's range): the runners wrap seed + sample index modulo 2**64 for numpy
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 MAX_N = 16
 MAX_LOGPROBS = 20
