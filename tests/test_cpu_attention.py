@@ -1,4 +1,5 @@
 """cpu_gguf's paged attention against the core's float64 reference, over ragged batches."""
+import ctypes
 import random
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 from ember.backend import AttentionMetadata, KVCacheSpec
 from ember.ops import reference
+from ember_cpu_gguf import native
 from ember_cpu_gguf.attention import CpuPagedAttention
 from ember_cpu_gguf.backend import CpuGgufBackend
 
@@ -87,3 +89,147 @@ def test_one_sequence_splits_its_query_heads_over_threads(heads, kv_heads, dtype
         want = reference.paged_attention(q, k, v, rk, rv, meta, d ** -0.5)
         err = ((got - want).norm() / want.norm()).item()
         assert err < (1e-5 if dtype == "float32" else 2e-3), f"{chunk}: relative error {err:.2e}"
+
+
+# The prefill kernel on its own, called as a torch-free runner would: raw cache contents, block
+# tables and row offsets, against float64 attention over the same (float32 or float16) cache values.
+
+def paged_prefill_or_skip(dtype, variant):
+    fn = native.paged_prefill(dtype, variant)
+    if fn is None:
+        pytest.skip("no C compiler: the pure-torch fallback is what runs here")
+    return fn
+
+
+def random_cache(chunks, kv_heads, d, block_size, dtype, seed):
+    """A pool with random keys and values, and scattered blocks for sequences of (cached, new) tokens."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-(a + n) // block_size) for a, n in chunks]
+    num_blocks = sum(need) + 5
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [[free.pop() for _ in range(k)] for k in need]
+    width = max(need)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+    kc = torch.randn(kv_heads, num_blocks, d, block_size, generator=g).to(getattr(torch, dtype))
+    vc = torch.randn(kv_heads, num_blocks, block_size, d, generator=g).to(getattr(torch, dtype))
+    starts = torch.tensor([0] + [n for _, n in chunks]).cumsum(0)
+    lens = torch.tensor([a + n for a, n in chunks])
+    return kc, vc, bt, starts, lens
+
+
+def prefill_reference(q, kc, vc, bt, starts, lens, scale):
+    """Causal grouped-query attention in float64 over the cache as it is."""
+    kvh, _, d, bs = kc.shape
+    group = q.shape[1] // kvh
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for i, ctx in enumerate(lens.tolist()):
+        a, b = starts[i].item(), starts[i + 1].item()
+        blocks = bt[i, :-(-ctx // bs)]
+        kk = kc[:, blocks].double().transpose(-1, -2).reshape(kvh, -1, d)[:, :ctx].repeat_interleave(group, 0)
+        vv = vc[:, blocks].double().reshape(kvh, -1, d)[:, :ctx].repeat_interleave(group, 0)
+        s = q[a:b].double().transpose(0, 1) @ kk.transpose(-1, -2) * scale  # [heads, n, ctx]
+        qpos = torch.arange(ctx - (b - a), ctx)[:, None]
+        s = s.masked_fill(torch.arange(ctx)[None, :] > qpos, float("-inf"))
+        out[a:b] = (s.softmax(-1) @ vv).transpose(0, 1)
+    return out
+
+
+def call_prefill(fn, q, kc, vc, bt, starts, lens, scale, threads=2):
+    kvh, nb, d, bs = kc.shape
+    out = torch.full(q.shape, float("nan"))
+    rc = fn(q.data_ptr(), q.stride(0), kc.data_ptr(), vc.data_ptr(), bt.data_ptr(), bt.stride(0), starts.data_ptr(),
+            lens.data_ptr(), lens.shape[0], out.data_ptr(), q.shape[1], kvh, d, nb, bs, scale, threads)
+    assert rc == 0, f"kernel returned {rc}"
+    return out
+
+
+def strided_q(tokens, heads, d, g):
+    """q as the fused projection leaves it: rows of a wider [tokens, (heads + extra) * d] tensor."""
+    return torch.randn(tokens, heads * d + 3 * d, generator=g)[:, : heads * d].view(tokens, heads, d)
+
+
+@pytest.mark.parametrize("variant", native.VARIANTS)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("group, kv_heads, d, block_size, seed", [
+    (1, 4, 64, 16, 0), (3, 3, 64, 16, 1), (4, 2, 128, 8, 2), (8, 1, 128, 32, 3), (3, 2, 128, 32, 4),
+    (8, 2, 64, 8, 5), (4, 1, 64, 32, 6)])
+def test_prefill_kernel_matches_float64(group, kv_heads, d, block_size, seed, dtype, variant):
+    """Ragged chunks (1 new token up to a few hundred), some after cached context (chunked prefill,
+    prefix hits), several sequences in one call."""
+    fn = paged_prefill_or_skip(dtype, variant)
+    rng = random.Random(seed)
+    chunks = [(rng.choice([0, rng.randint(1, 400)]), rng.choice([1, rng.randint(2, 40), rng.randint(100, 300)]))
+              for _ in range(rng.randint(2, 5))]
+    chunks[0] = (0, rng.randint(150, 300))  # always one whole prompt
+    chunks[-1] = (rng.randint(100, 300), rng.randint(2, 130))  # and one chunk after cached context
+    kc, vc, bt, starts, lens = random_cache(chunks, kv_heads, d, block_size, dtype, seed)
+    g = torch.Generator().manual_seed(seed)
+    q = strided_q(starts[-1].item(), group * kv_heads, d, g)
+    got = call_prefill(fn, q, kc, vc, bt, starts, lens, d ** -0.5)
+    want = prefill_reference(q, kc, vc, bt, starts, lens, d ** -0.5)
+    err = ((got - want).norm() / want.norm()).item()
+    worst = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 1e-5 and worst < 1e-5, f"{chunks}: relative error {err:.2e}, worst element {worst:.2e}"
+
+
+@pytest.mark.parametrize("variant", native.VARIANTS)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_prefill_rows_do_not_depend_on_the_batch(dtype, variant):
+    """A sequence's rows are bit-identical whether it is computed alone or with others, on 1 or 2
+    threads; a decode row gets exactly what the decode kernel gives it."""
+    fn = paged_prefill_or_skip(dtype, variant)
+    heads, kv_heads, d, bs = 9, 3, 64, 16
+    chunks = [(0, 200), (37, 1), (130, 75), (0, 3), (250, 1), (64, 64)]
+    kc, vc, bt, starts, lens = random_cache(chunks, kv_heads, d, bs, dtype, 7)
+    q = strided_q(starts[-1].item(), heads, d, torch.Generator().manual_seed(7))
+    scale = d ** -0.5
+    together = {th: call_prefill(fn, q, kc, vc, bt, starts, lens, scale, th) for th in (1, 2)}
+    assert torch.equal(together[1], together[2])
+    for i in range(len(chunks)):
+        a, b = starts[i].item(), starts[i + 1].item()
+        for th in (1, 2):
+            alone = call_prefill(fn, q[a:b], kc, vc, bt[i:i + 1], torch.tensor([0, b - a]), lens[i:i + 1], scale, th)
+            assert torch.equal(alone, together[1][a:b]), f"sequence {i} on {th} threads"
+    decode = native.load("paged_attention", variant)["ember_paged_decode" + ("_f16" if dtype == "float16" else "")]
+    decode.argtypes, decode.restype = native.paged_decode(dtype).argtypes, ctypes.c_int
+    rows = [i for i, (_, n) in enumerate(chunks) if n == 1]
+    qd = q[starts[rows]].contiguous()
+    tables, dl = bt[rows].contiguous(), lens[rows].contiguous()
+    od = torch.empty(qd.shape)
+    assert decode(qd.data_ptr(), qd.stride(0), kc.data_ptr(), vc.data_ptr(), tables.data_ptr(), tables.stride(0),
+                  dl.data_ptr(), od.data_ptr(), len(rows), heads, kv_heads, d, kc.shape[1], bs, scale, 2,
+                  None, None, 0, None) == 0
+    assert torch.equal(od, together[1][starts[rows]])
+
+
+@pytest.mark.parametrize("variant", native.VARIANTS)
+def test_prefill_kernel_error_codes(variant):
+    fn = paged_prefill_or_skip("float32", variant)
+    kc, vc, bt, starts, lens = random_cache([(0, 20)], 2, 32, 16, "float32", 0)
+    q = torch.randn(20, 4, 32)
+    out = torch.empty(q.shape)
+
+    def rc(heads=4, kv_heads=2, d=32, bs=16, lens=lens):
+        return fn(q.data_ptr(), q.stride(0), kc.data_ptr(), vc.data_ptr(), bt.data_ptr(), bt.stride(0),
+                  starts.data_ptr(), lens.data_ptr(), 1, out.data_ptr(), heads, kv_heads, d, kc.shape[1], bs, 0.1, 2)
+
+    assert rc() == 0
+    assert rc(bs=65) == -2
+    assert rc(heads=5) == -3 and rc(heads=34, kv_heads=2) == -3 and rc(d=1025) == -3
+    assert rc(lens=torch.tensor([19])) == -4  # 20 new tokens cannot fit in 19 positions
+
+
+@pytest.mark.parametrize("variant", native.VARIANTS)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_chunked_prefill_gives_the_whole_prompts_bits(dtype, variant):
+    """A row's arithmetic depends only on its position and the cache, not on the tile it falls in:
+    a chunk after cached context (chunked prefill, a prefix-cache hit) reproduces the whole prompt's
+    rows exactly. (A one-token chunk is a decode row: the decode kernel's arithmetic, not these bits.)"""
+    fn = paged_prefill_or_skip(dtype, variant)
+    for heads, kv_heads, bs in [(9, 3, 16), (8, 1, 8), (4, 4, 32)]:
+        kc, vc, bt, starts, lens = random_cache([(0, 300)], kv_heads, 64, bs, dtype, heads)
+        q = strided_q(300, heads, 64, torch.Generator().manual_seed(heads))
+        whole = call_prefill(fn, q, kc, vc, bt, starts, lens, 0.125)
+        for cached in (1, 17, 150, 298):
+            part = call_prefill(fn, q[cached:], kc, vc, bt, torch.tensor([0, 300 - cached]), lens, 0.125)
+            assert torch.equal(part, whole[cached:]), f"{heads} heads, {kv_heads} kv heads: a chunk after {cached}"

@@ -5,10 +5,15 @@ sequence's blocks for one head are whole contiguous rows and a gather is one ind
 [kv_heads, num_blocks, head_dim, block_size], each block transposed, which turns the C kernel's
 scores into plain vector FMAs over a block's slots (see csrc/paged_attention.c).
 
-Decode rows (one new token each) go to the C kernel in csrc/paged_attention.c, which reads each
-sequence's blocks in place; without a compiler they are gathered into one padded tensor and
-masked by length instead. Prefill chunks run one sequence at a time on torch's SDPA against their
-own cached context, with a causal mask offset by what was already cached.
+Both kernels are in csrc/paged_attention.c and read each sequence's blocks in place. A step of
+decode rows only (one new token each) goes to the decode kernel, which also writes the new keys
+and values; any other step writes them first and then makes one prefill-kernel call for all its
+rows, prefill chunks (causal over what the sequence already cached) and decode rows alike (those
+get the decode kernel's own arithmetic there, bit for bit).
+
+Without a compiler (or with EMBER_NO_NATIVE) torch does it: decode rows are gathered into one
+padded tensor and masked by length, and prefill chunks run one sequence at a time on SDPA against
+their own cached context, with a causal mask offset by what was already cached.
 """
 from __future__ import annotations
 
@@ -63,13 +68,22 @@ class _Plan:
             self.tables, self.lens = tables, meta.seq_lens[idx].contiguous()
             self.rows = torch.tensor([starts[i] for i in self.decode], dtype=torch.long)
             self._fallback = (heads, tables, nblk * bs)
-        self.prefill_plans = []
-        for i in self.prefill:
-            ctx, n, a = meta.seq_lens_list[i], meta.query_lens_list[i], starts[i]
-            nblk = -(-ctx // bs)
-            gather = (heads[:, :, 0] + meta.block_tables[i, :nblk][None, :]).reshape(-1)
-            self.prefill_plans.append((a, n, ctx, gather))
+        self._heads, self._starts, self._prefill_plans = heads, starts, None
+        # the prefill kernel's view of the step: int64, rows contiguous (no-ops for the runner's)
+        self.seqs = tuple(t.to(torch.long).contiguous() for t in (meta.block_tables, meta.query_start_loc, meta.seq_lens))
 
+    @property
+    def prefill_plans(self) -> list[tuple[int, int, int, torch.Tensor]]:
+        """The torch prefill path's (first row, query length, context, block gather) per chunk."""
+        if self._prefill_plans is None:
+            meta, bs = self._meta, self._meta.block_size
+            self._prefill_plans = []
+            for i in self.prefill:
+                ctx, n, a = meta.seq_lens_list[i], meta.query_lens_list[i], self._starts[i]
+                nblk = -(-ctx // bs)
+                gather = (self._heads[:, :, 0] + meta.block_tables[i, :nblk][None, :]).reshape(-1)
+                self._prefill_plans.append((a, n, ctx, gather))
+        return self._prefill_plans
 
     @property
     def k_offsets(self) -> torch.Tensor:
@@ -93,6 +107,7 @@ class CpuPagedAttention:
         # one kernel per cache element type; the cache's dtype picks (see backend.kv_cache_dtype)
         self._native = {dt: native.paged_decode(dt) if use_native else None for dt in ("float32", "float16")}
         self._write = {dt: native.write_kv(dt) if use_native else None for dt in ("float32", "float16")}
+        self._prefill = {dt: native.paged_prefill(dt) if use_native else None for dt in ("float32", "float16")}
         self.native_decode = self._native["float32"]
         self.threads = threads or torch.get_num_threads()
 
@@ -108,7 +123,7 @@ class CpuPagedAttention:
         if (plan.all_decode and kernel is not None and heads_view(q) and heads_view(k)
                 and heads_view(v) and k.stride(0) == v.stride(0)):
             return self._decode_in_c(kernel, plan, q, k, v, k_cache, v_cache, meta, scale)
-        return self._general(kernel, plan, q, k, v, k_cache, v_cache, meta, scale)
+        return self._general(plan, q, k, v, k_cache, v_cache, meta, scale)
 
     def _decode_in_c(self, kernel, plan, q, k, v, k_cache, v_cache, meta, scale):
         """The common decode step, kept lean (it runs once per layer per token): the C kernel
@@ -123,7 +138,8 @@ class CpuPagedAttention:
             raise RuntimeError(f"paged decode attention failed (code {rc}: -1 out of memory, -2 block size > 64, -3 more than 16 query heads per kv head or head_dim > 1024)")
         return out
 
-    def _general(self, kernel, plan, q, k, v, k_cache, v_cache, meta, scale):
+    def _general(self, plan, q, k, v, k_cache, v_cache, meta, scale):
+        """Every step but the common decode-only one: write the new keys and values, then attend."""
         kvh, nb, bs, d = v_cache.shape
         write = self._write.get(_DTYPES.get(k_cache.dtype))
         if write is not None and heads_view(k) and heads_view(v) and k.stride(0) == v.stride(0):
@@ -132,21 +148,24 @@ class CpuPagedAttention:
         else:
             write_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.k_offsets)
         heads = q.shape[1]
+        prefill = self._prefill.get(_DTYPES.get(k_cache.dtype))
+        if prefill is not None:
+            q = q if heads_view(q) else q.float().contiguous()
+            out = torch.empty(q.shape)
+            tables, starts, lens = plan.seqs
+            rc = prefill(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                         tables.stride(0), starts.data_ptr(), lens.data_ptr(), lens.shape[0], out.data_ptr(),
+                         heads, kvh, d, nb, bs, scale, self.threads)
+            if rc != 0:
+                raise RuntimeError(f"paged prefill attention failed (code {rc}: -1 out of memory, -2 block size "
+                                   "not in 1..64, -3 heads not a multiple of kv heads, more than 16 query heads per "
+                                   "kv head or head_dim > 1024, -4 a query longer than its sequence)")
+            return out
+        # pure torch (no compiler): the decode rows padded and masked together, then each chunk on SDPA
         group = heads // kvh
         flat_k, flat_v = k_cache.view(kvh * nb, d, bs), v_cache.view(kvh * nb, bs, d)
         out = torch.empty(q.shape)
-        if plan.decode and kernel is not None:
-            qd = q.contiguous() if plan.all_decode else q.index_select(0, plan.rows)
-            o = out if plan.all_decode else torch.empty(qd.shape)
-            rc = kernel(qd.data_ptr(), qd.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                                    plan.tables.data_ptr(), plan.tables.stride(0), plan.lens.data_ptr(), o.data_ptr(),
-                                    len(plan.decode), heads, kvh, d, nb, bs, scale, self.threads,
-                                    None, None, 0, None)
-            if rc != 0:
-                raise RuntimeError(f"paged decode attention failed (code {rc}: -1 out of memory, -2 block size > 64, -3 more than 16 query heads per kv head or head_dim > 1024)")
-            if not plan.all_decode:
-                out.index_copy_(0, plan.rows, o)
-        elif plan.decode:
+        if plan.decode:
             b = len(plan.decode)
             gather, mask = plan.fallback_index()
             kk = _keys(flat_k, gather, b, kvh, d, bs)

@@ -105,6 +105,20 @@ def write_kv(dtype: str = "float32"):
     return _attention_fn("ember_write_kv", dtype, [_i64, _p, _p, _i64, _p, _p, _p, _i32, _i32, _i64, _i32, _i32], None)
 
 
+@lru_cache(maxsize=None)
+def paged_prefill(dtype: str = "float32", variant: str = "native"):
+    """Prefill and mixed-step attention (any query lengths, causal over each sequence's cache) for a
+    float32 or float16 KV cache, None without a compiler; its contract and return codes are in
+    csrc/paged_attention.c. `variant` picks the build (the tests run both)."""
+    lib = load("paged_attention", variant)
+    if lib is None:
+        return None
+    fn = getattr(lib, {"float32": "ember_paged_prefill", "float16": "ember_paged_prefill_f16"}[dtype])
+    fn.argtypes = [_p, _i64, _p, _p, _p, _i64, _p, _p, _i32, _p, _i32, _i32, _i32, _i64, _i32, _f32, _i32]
+    fn.restype = ctypes.c_int
+    return fn
+
+
 class LayerOpsLib:
     """csrc/layer_ops.c: RMSNorm (with the residual add), RoPE in place, SwiGLU."""
 
@@ -116,6 +130,8 @@ class LayerOpsLib:
         self.rope.argtypes, self.rope.restype = [p, i64, i32, p, i64, i32, i64, p, p, p, i64, i32, i32], None
         self.swiglu = lib.ember_swiglu
         self.swiglu.argtypes, self.swiglu.restype = [p, i64, p, i64, i64, i64, i32], None
+        self.dequant_rows = lib.ember_dequant_rows
+        self.dequant_rows.argtypes, self.dequant_rows.restype = [i32, p, i64, p, i64, p, i64], i32
 
 
 @lru_cache(maxsize=None)
@@ -151,3 +167,17 @@ class QuantMatmul:
 def quant_matmul(variant: str = "native") -> QuantMatmul | None:
     lib = load("quant_matmul", variant)
     return QuantMatmul(lib) if lib is not None else None
+
+
+@lru_cache(maxsize=None)
+def llama_forward(variant: str = "native") -> ctypes.CDLL | None:
+    """csrc/llama_forward.c: a whole decoder step over the other libraries' kernels."""
+    lib = load("llama_forward", variant)
+    if lib is not None:
+        lib.ember_llama_step.restype = ctypes.c_int
+    return lib
+
+
+def address(fn) -> int:
+    """A ctypes function's entry point, to hand to C code that calls it directly."""
+    return ctypes.cast(fn, ctypes.c_void_p).value
