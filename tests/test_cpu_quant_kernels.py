@@ -170,12 +170,12 @@ def test_fused_rms_norm_matches_torch(rows):
 
 def test_fused_rope_in_place_matches_torch():
     from ember.config import ModelConfig
-    from ember.models.llama import rope_tables
+    from ember.ops.rope import rope_tables
 
     ops, ref = layer_ops(), LayerOps()
     cfg = ModelConfig(architecture="llama", vocab_size=10, hidden_size=576, num_layers=1, num_heads=9,
                       num_kv_heads=3, head_dim=64, intermediate_size=8, context_length=64)
-    cos, sin = rope_tables(cfg, 64)
+    cos, sin = map(torch.from_numpy, rope_tables(cfg, 64))
     qkv = torch.randn(5, (9 + 3 + 3) * 64)
     q, k, _ = qkv.split([576, 192, 192], dim=-1)
     q, k = q.view(5, 9, 64), k.view(5, 3, 64)

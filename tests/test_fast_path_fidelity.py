@@ -29,7 +29,7 @@ PASSAGE = (
 
 def perplexity(llm: LLM) -> float:
     ids = llm.tokenizer.encode(PASSAGE)
-    logits = llm.prompt_logits(ids)
+    logits = torch.as_tensor(llm.prompt_logits(ids))  # numpy from a torch-free runner
     return torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])).exp().item()
 
 

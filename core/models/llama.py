@@ -5,39 +5,11 @@ so each device plugs its fast paths in from outside.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ember.backend import AttentionMetadata, Backend
-from ember.config import ModelConfig, RopeScaling
-
-
-def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if scaling.type == "linear":
-        inv_freq = inv_freq / scaling.factor
-    elif scaling.type == "llama3":
-        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
-        old = scaling.original_context_length
-        low_wl, high_wl = old / scaling.low_freq_factor, old / scaling.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
-        scaled = torch.where(wavelen > low_wl, inv_freq / scaling.factor, inv_freq)
-        mid = (wavelen <= low_wl) & (wavelen >= high_wl)
-        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq, scaled)
-    elif scaling.type not in ("none", ""):
-        raise ValueError(f"RoPE scaling {scaling.type!r} is not supported yet (supported: linear, llama3)")
-    return inv_freq
-
-
-def rope_tables(cfg: ModelConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin for every position up to the context length: [max_positions, rotary_dim],
-    in HF's rotate-half layout."""
-    inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
-    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().contiguous(), emb.sin().contiguous()
+from ember.config import ModelConfig
+from ember.ops.rope import rope_tables
 
 
 def _norm_weight(weights, name: str) -> torch.Tensor:
@@ -92,7 +64,8 @@ class LlamaModel:
         self.norm = _norm_weight(weights, "model.norm.weight")
         head = weights.get("lm_head.weight") or weights["model.embed_tokens.weight"]
         self.lm_head = backend.create_linear([head])
-        self.cos, self.sin = rope_tables(cfg, max_positions or cfg.context_length)
+        cos, sin = rope_tables(cfg, max_positions or cfg.context_length)
+        self.cos, self.sin = torch.from_numpy(cos), torch.from_numpy(sin)
         self.attn = backend.attention()
         self.ops = backend.layer_ops()
         self.scale = cfg.head_dim ** -0.5

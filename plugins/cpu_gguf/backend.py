@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import os
 
+import logging
+
 import numpy as np
-import torch
 
 from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec
-from ember_cpu_gguf.attention import CpuPagedAttention
 from ember_cpu_gguf import native
-from ember_cpu_gguf.layer_ops import NativeLayerOps
-from ember_cpu_gguf.linear import DenseLinear, QuantizedEmbedding, QuantLinear
+
+log = logging.getLogger(__name__)
 
 GGUF_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                         "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})
@@ -59,10 +59,18 @@ class CpuGgufBackend(Backend):
         threads = self.options.threads or physical_cores()
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
         self.threads = threads
-        self._attention = CpuPagedAttention(threads=threads)
+        self._attention = None
         self._kv_bytes = 0
+
+    def _torch(self):
+        """torch, with its intra-op pool sized to ours. Imported only by the torch-facing parts of
+        the contract: the native runner never needs it, and importing it costs 1.3 s."""
+        import torch
+
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        return torch
 
     @classmethod
     def availability(cls) -> Availability:
@@ -78,37 +86,67 @@ class CpuGgufBackend(Backend):
         fills (see allocate_kv_cache), so a generous pool costs nothing until it is used."""
         return min(4 * 1024**3, _mem_available() // 3)
 
-    def allocate_kv_cache(self, spec: KVCacheSpec):
-        # head-major, keys transposed within each block: see attention.py
+    def allocate_kv_arrays(self, spec: KVCacheSpec) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The paged pool as numpy arrays, one (keys, values) pair per layer: head-major, keys
+        transposed within each block (see attention.py)."""
         if spec.block_size > 64:
             raise ValueError(f"cpu_gguf supports KV blocks of at most 64 tokens, got {spec.block_size}")
+        if spec.dtype not in ("float32", "float16"):
+            raise ValueError(f"cpu_gguf keeps its KV cache in float32 or float16, not {spec.dtype}")
         kshape = (spec.num_kv_heads, spec.num_blocks, spec.head_dim, spec.block_size)
         vshape = (spec.num_kv_heads, spec.num_blocks, spec.block_size, spec.head_dim)
         # numpy's zeros is calloc: zeroed pages the OS commits only when first written. Zeros
         # matter: padded attention reads unused slots and multiplies them by 0, and 0 * NaN is NaN.
-        if spec.dtype not in ("float32", "float16"):
-            raise ValueError(f"cpu_gguf keeps its KV cache in float32 or float16, not {spec.dtype}")
         dt = np.dtype(spec.dtype)
-        caches = [(torch.from_numpy(np.zeros(kshape, dtype=dt)), torch.from_numpy(np.zeros(vshape, dtype=dt)))
-                  for _ in range(spec.num_layers)]
+        arrays = [(np.zeros(kshape, dtype=dt), np.zeros(vshape, dtype=dt)) for _ in range(spec.num_layers)]
         self._kv_bytes = spec.bytes_per_block() * spec.num_blocks
-        return caches
+        return arrays
+
+    def allocate_kv_cache(self, spec: KVCacheSpec):
+        torch = self._torch()
+        return [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in self.allocate_kv_arrays(spec)]
 
     def memory_stats(self) -> dict[str, int]:
         return {"kv_cache_bytes": self._kv_bytes}
 
     def attention(self):
+        if self._attention is None:
+            self._torch()
+            from ember_cpu_gguf.attention import CpuPagedAttention
+
+            self._attention = CpuPagedAttention(threads=self.threads)
         return self._attention
 
     def create_linear(self, weights, biases=None):
+        self._torch()
+        from ember_cpu_gguf.linear import DenseLinear, QuantLinear
+
         kernels = None if self.options.exact else native.quant_matmul()
         if QuantLinear.accepts(weights, kernels):
             return QuantLinear(weights, biases, threads=self.threads, kernels=kernels)
         return DenseLinear(weights, biases)
 
     def layer_ops(self):
+        self._torch()
+        from ember_cpu_gguf.layer_ops import NativeLayerOps
+
         lib = None if self.options.exact else native.layer_ops()
         return NativeLayerOps(lib, self.threads) if lib is not None else super().layer_ops()
 
     def create_embedding(self, weight):
+        self._torch()
+        from ember_cpu_gguf.linear import QuantizedEmbedding
+
         return QuantizedEmbedding(weight)
+
+    def create_model_runner(self, model_config, weights, cache_config):
+        """The native runner (one C call per step, no torch) wherever it covers the model; the
+        core's torch runner, over this backend's kernels, everywhere else."""
+        from ember_cpu_gguf import runner
+
+        why = runner.unsupported(self, model_config, weights)
+        if why is None:
+            return runner.NativeModelRunner(self, model_config, weights, cache_config)
+        log.info("cpu_gguf runs %s with the torch runner: %s", model_config.architecture, why)
+        self._torch()
+        return super().create_model_runner(model_config, weights, cache_config)

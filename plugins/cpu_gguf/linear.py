@@ -9,14 +9,11 @@ float32 numerics, and a row's result does not depend on the other rows in the ba
 """
 from __future__ import annotations
 
-import ctypes
-import weakref
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ember.gguf import quants
+from ember_cpu_gguf.packed import PackedLinear
 
 PACK_HINT_ROWS = 64  # the batch size MKL tunes its packing for; any row count works
 
@@ -50,53 +47,15 @@ class DenseLinear:
 
 
 class QuantLinear:
-    """Weights repacked into the kernel's 4- or 8-bit panels; y = x @ W.T (+ b) in one C call.
+    """Weights repacked into the kernel's 4- or 8-bit panels (packed.PackedLinear); y = x @ W.T
+    (+ b) in one C call. `QuantLinear.accepts` says whether a set of weights can take this path."""
 
-    Quantized formats only (see csrc/quant_matmul.c for the list); `QuantLinear.accepts` says
-    whether a set of weights can take this path.
-    """
+    accepts = staticmethod(PackedLinear.accepts)
 
     def __init__(self, weights, biases=None, threads: int = 1, kernels=None):
-        from ember_cpu_gguf import native
-
-        self.kernels = kernels or native.quant_matmul()
-        if not self.accepts(weights, self.kernels):
-            raise ValueError("QuantLinear needs quantized weights of one width, in types the kernel supports")
-        self.in_features = weights[0].shape[1]
-        self.out_features = sum(w.shape[0] for w in weights)
-        self.buffers = []
-        for w in weights:
-            rows, qtype = w.shape[0], int(w.qtype)
-            src = np.ascontiguousarray(w.data)
-            buf = np.empty(self.kernels.repacked_size(qtype, rows, self.in_features), dtype=np.uint8)
-            rc = self.kernels.repack(qtype, src.ctypes.data, rows, self.in_features, buf.ctypes.data, threads)
-            if rc != 0:
-                raise ValueError(f"{w.name}: cannot repack {w.qtype.name} weights (code {rc})")
-            self.buffers.append(buf)
-        n = len(weights)
-        types = (ctypes.c_int * n)(*(int(w.qtype) for w in weights))
-        ptrs = (ctypes.c_void_p * n)(*(b.ctypes.data for b in self.buffers))
-        rows = (ctypes.c_int64 * n)(*(w.shape[0] for w in weights))
-        self.bias = None
-        if biases and any(b is not None for b in biases):
-            self.bias = torch.cat([b.dequantize().reshape(-1) if b is not None else torch.zeros(w.shape[0])
-                                   for w, b in zip(weights, biases)]).contiguous()
-        self.nbytes = sum(b.nbytes for b in self.buffers)
-        # the handle copies the part lists; it points into self.buffers and self.bias
-        self._handle = self.kernels.new(n, types, ptrs, rows, self.in_features,
-                                        self.bias.data_ptr() if self.bias is not None else None, threads)
-        if not self._handle:
-            raise MemoryError("cannot allocate the quantized linear's handle")
-        weakref.finalize(self, self.kernels.free, self._handle)
-
-    @staticmethod
-    def accepts(weights, kernels) -> bool:
-        if kernels is None or not weights:
-            return False
-        k = weights[0].shape[1]
-        return (all(len(w.shape) == 2 and w.shape[1] == k for w in weights) and k % 32 == 0
-                and all(kernels.supported(int(w.qtype)) for w in weights)
-                and all(kernels.repacked_size(int(w.qtype), w.shape[0], k) > 0 for w in weights))
+        self.packed = PackedLinear(weights, biases, threads, kernels)
+        self.in_features, self.out_features = self.packed.in_features, self.packed.out_features
+        self.nbytes = self.packed.nbytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # the common case, [tokens, in_features] float32 rows, goes straight through: this runs
@@ -108,9 +67,7 @@ class QuantLinear:
             if rows.dtype != torch.float32 or rows.stride(-1) != 1:
                 rows = rows.float().contiguous()
         y = torch.empty(rows.shape[0], self.out_features)
-        rc = self.kernels.run(self._handle, rows.data_ptr(), rows.stride(0), rows.shape[0], y.data_ptr())
-        if rc != 0:
-            raise RuntimeError(f"quantized linear failed (code {rc}: -1 out of memory, -2 bad shape)")
+        self.packed.run(rows.data_ptr(), rows.stride(0), rows.shape[0], y.data_ptr())
         return y if rows is x else y.view(*x.shape[:-1], self.out_features)
 
 

@@ -62,3 +62,73 @@ void ember_swiglu(const float *x, int64_t ldx, float *out, int64_t ldo, int64_t 
         for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + exp_nonpos(-g[i])) * u[i];
     }
 }
+
+// Embedding lookup: rows ids[0..n) of a GGUF table (row_bytes per row), dequantized into out
+// [n, dim] with the reference's float operations (d * q, d * q + m), so the values are the bits
+// the core's dequantize gives. Legacy block types and plain floats only (GGML type numbers);
+// returns -2 for any other type, which the caller dequantizes itself.
+static float h2f(uint16_t h) {
+    _Float16 v;
+    memcpy(&v, &h, 2);
+    return (float)v;
+}
+
+static float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return h2f(h);
+}
+
+int ember_dequant_rows(int type, const uint8_t *table, int64_t row_bytes, const int64_t *ids, int64_t n,
+                       float *out, int64_t dim) {
+    for (int64_t r = 0; r < n; r++) {
+        const uint8_t *row = table + ids[r] * row_bytes;
+        float *o = out + r * dim;
+        switch (type) {
+        case 0:  // F32
+            memcpy(o, row, sizeof(float) * dim);
+            break;
+        case 1:  // F16
+            for (int64_t i = 0; i < dim; i++) o[i] = f16_at(row + 2 * i);
+            break;
+        case 30:  // BF16
+            for (int64_t i = 0; i < dim; i++) {
+                uint32_t bits = (uint32_t)(row[2 * i] | (row[2 * i + 1] << 8)) << 16;
+                memcpy(o + i, &bits, 4);
+            }
+            break;
+        case 2:   // Q4_0
+        case 3:   // Q4_1
+        case 6:   // Q5_0
+        case 7:   // Q5_1
+        case 8: {  // Q8_0
+            const int bytes = type == 2 ? 18 : type == 3 ? 20 : type == 6 ? 22 : type == 7 ? 24 : 34;
+            for (int64_t b = 0; b < dim / 32; b++) {
+                const uint8_t *blk = row + b * bytes;
+                float *ob = o + b * 32;
+                const float d = f16_at(blk);
+                if (type == 8) {
+                    for (int i = 0; i < 32; i++) ob[i] = (float)(int8_t)blk[2 + i] * d;
+                    continue;
+                }
+                const float m = (type == 3 || type == 7) ? f16_at(blk + 2) : 0.f;
+                uint32_t qh = 0;
+                if (type == 6) memcpy(&qh, blk + 2, 4);
+                if (type == 7) memcpy(&qh, blk + 4, 4);
+                const uint8_t *qs = blk + (type == 2 ? 2 : type == 3 ? 4 : type == 6 ? 6 : 8);
+                for (int i = 0; i < 32; i++) {
+                    int q = i < 16 ? (qs[i] & 0x0F) : (qs[i - 16] >> 4);
+                    if (type == 6 || type == 7) q |= (int)((qh >> i) & 1) << 4;
+                    if (type == 2) ob[i] = d * (float)(q - 8);
+                    else if (type == 6) ob[i] = d * (float)(q - 16);
+                    else ob[i] = d * (float)q + m;
+                }
+            }
+            break;
+        }
+        default:
+            return -2;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,105 @@
+"""cpu_gguf's native runner (one C call per step, no torch) against the torch runner driving the
+same kernels through the backend contract: the same tokens and the same logprobs, bit for bit,
+because every kernel is the same and runs in the same order. Plus the pieces it adds: the C
+embedding lookup, the choice of runner, and a CLI-style run that never imports torch."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import quants as gq
+
+from ember.gguf.loader import QuantWeight
+from ember.sampling_params import SamplingParams
+
+from conftest import PROMPTS
+
+native = pytest.importorskip("ember_cpu_gguf.native")
+if native.layer_ops() is None:
+    pytest.skip("no C compiler: the native runner is unavailable", allow_module_level=True)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0],
+                         ids=lambda q: q.name)
+def test_embedding_rows_are_the_reference_dequantization(qtype):
+    rng = np.random.default_rng(int(qtype))
+    table = (rng.standard_normal((40, 96)) * 2).astype(np.float32)
+    data = gq.quantize(table, qtype) if qtype != Q.F32 else table
+    w = QuantWeight("embed", qtype, (40, 96), np.ascontiguousarray(data).view(np.uint8).reshape(40, -1))
+    want = w.dequantize().numpy()
+    ids = np.array([3, 0, 39, 3, 17], dtype=np.int64)
+    out = np.empty((len(ids), 96), np.float32)
+    rc = native.layer_ops().dequant_rows(int(qtype), w.data.ctypes.data, w.data.strides[0], ids.ctypes.data,
+                                         len(ids), out.ctypes.data, 96)
+    assert rc == 0
+    np.testing.assert_array_equal(out, want[ids])
+
+
+def test_embedding_lookup_declines_k_quants():
+    out = np.empty((1, 256), np.float32)
+    ids = np.zeros(1, np.int64)
+    blocks = np.zeros((1, 144), np.uint8)
+    assert native.layer_ops().dequant_rows(int(Q.Q4_K), blocks.ctypes.data, 144, ids.ctypes.data, 1,
+                                           out.ctypes.data, 256) == -2
+
+
+def _llm(path, **kw):
+    from ember.llm import LLM
+
+    return LLM(str(path), max_model_len=1024, kv_cache_memory=128 * 1024**2, **kw)
+
+
+def test_runner_choice(smollm2_gguf, tiny_gguf):
+    from ember.engine.torch_runner import TorchModelRunner
+    from ember_cpu_gguf.runner import NativeModelRunner
+
+    assert isinstance(_llm(smollm2_gguf).engine.runner, NativeModelRunner)
+    assert isinstance(_llm(smollm2_gguf, exact=True).engine.runner, TorchModelRunner)
+    # float32 weights have no quantized kernel: the torch runner takes them
+    assert isinstance(_llm(tiny_gguf).engine.runner, TorchModelRunner)
+
+
+@pytest.mark.slow
+def test_native_runner_matches_torch_runner(smollm2_gguf, monkeypatch):
+    from ember_cpu_gguf import runner
+
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+    # greedy with logprobs, and seeded sampling: the same draws need the same logits and RNG
+    params = [SamplingParams(temperature=0.0, max_tokens=16, logprobs=3),
+              SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=7, max_tokens=16, logprobs=1)]
+
+    def run(llm):
+        prompts = [llm.tokenizer.encode_chat(c) for c in chats]
+        outs = [llm.generate(prompts, p) for p in params]
+        logits = np.asarray(llm.prompt_logits(prompts[0]))
+        return [[(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in out] for out in outs], logits
+
+    fast = _llm(smollm2_gguf)
+    assert isinstance(fast.engine.runner, runner.NativeModelRunner)
+    got, got_logits = run(fast)
+    del fast
+    monkeypatch.setattr(runner, "unsupported", lambda *a: "the test wants the torch runner")
+    ref = _llm(smollm2_gguf)
+    assert not isinstance(ref.engine.runner, runner.NativeModelRunner)
+    want, want_logits = run(ref)
+    assert got == want
+    np.testing.assert_array_equal(got_logits, want_logits)
+
+
+def test_cli_run_never_imports_torch(smollm2_gguf):
+    """`ember run` on the native runner: the first token no longer waits for `import torch`."""
+    code = (
+        "import sys, json\n"
+        "from ember.cli import main\n"
+        f"rc = main(['run', {str(smollm2_gguf)!r}, 'Name the capital of France.', '--no-server',\n"
+        "            '--temperature', '0', '--max-tokens', '8'])\n"
+        "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert report == {"rc": 0, "torch": False}
+    assert "Paris" in "\n".join(lines[:-1])
