@@ -58,8 +58,16 @@ void ember_swiglu(const float *x, int64_t ldx, float *out, int64_t ldo, int64_t 
     for (int64_t m = 0; m < M; m++) {
         const float *g = x + m * ldx, *u = g + I;
         float *o = out + m * ldo;
-#pragma omp simd
-        for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + exp_nonpos(-g[i])) * u[i];
+        int64_t i = 0;
+#ifdef __AVX512F__
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (; i + 16 <= I; i += 16) {
+            const __m512 gv = _mm512_loadu_ps(g + i);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < I; i++) o[i] = g[i] / (1.0f + exp_nonpos(-g[i])) * u[i];
     }
 }
 
