@@ -75,3 +75,75 @@ def kv_spec_for(cfg: ModelConfig, cache: CacheConfig, backend: Backend) -> KVCac
                          f"({probe.bytes_per_block()} bytes)")
     return KVCacheSpec(cfg.num_layers, num_blocks, cache.block_size, cfg.num_kv_heads, cfg.head_dim,
                        probe.dtype)
+
+
+@dataclass
+class StepInputs:
+    """A step's tokens flattened the way every runner feeds them: each scheduled chunk's tokens
+    back to back, with their positions and KV-cache slots."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    query_start_loc: list[int]  # chunk i is rows query_start_loc[i]:query_start_loc[i + 1]
+    seq_lens: list[int]  # context of each sequence after the step
+    block_tables: np.ndarray  # [num_seqs, widest table] int64, padded with 0
+
+    @classmethod
+    def of(cls, sched: SchedulerOutput, block_size: int) -> "StepInputs":
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts, seq_lens = [0], []
+        for s in sched.scheduled:
+            seq, a, b = s.seq, s.start, s.end
+            ids += seq.token_slice(a, b)
+            positions += range(a, b)
+            table = seq.block_table
+            slots += [table[p // block_size] * block_size + p % block_size for p in range(a, b)]
+            seq_lens.append(b)
+            starts.append(starts[-1] + b - a)
+        tables = np.zeros((len(sched.scheduled), max(len(s.seq.block_table) for s in sched.scheduled)), np.int64)
+        for i, s in enumerate(sched.scheduled):
+            tables[i, : len(s.seq.block_table)] = s.seq.block_table
+        return cls(ids, positions, slots, starts, seq_lens, tables)
+
+
+class HostSampling:
+    """The sampling half of a step, for runners whose logits reach the host: each sequence's
+    SamplingRow (with its seeded RNG, kept for the sequence's life, and its grammar mask), then
+    the core sampler. Shared, so that every such runner draws the same tokens from the same logits."""
+
+    def __init__(self) -> None:
+        from ember.sampler import Sampler
+
+        self.sampler = Sampler()
+        self.generators: dict[int, np.random.Generator] = {}
+
+    def release(self, seq: Sequence) -> None:
+        self.generators.pop(seq.seq_id, None)
+
+    def _generator(self, seq: Sequence) -> np.random.Generator | None:
+        if seq.params.seed is None:
+            return None
+        g = self.generators.get(seq.seq_id)
+        if g is None:
+            g = self.generators[seq.seq_id] = seeded_generator(seq)
+        return g
+
+    def __call__(self, logits: np.ndarray, seqs: list[Sequence], eos_token_ids: set[int]) -> dict[int, SampleResult]:
+        """One token for each of seqs, whose logits are the rows of a [len(seqs), vocab] array."""
+        from ember.sampler import SamplingRow
+
+        rows = [SamplingRow(params=seq.params, prompt_token_ids=seq.prompt_token_ids,
+                            output_token_ids=seq.output_token_ids, generator=self._generator(seq),
+                            eos_token_ids=eos_token_ids) for seq in seqs]
+        structured = [j for j, seq in enumerate(seqs) if seq.matcher is not None]
+        if structured:
+            masks = structured_masks([seqs[j] for j in structured], logits.shape[-1])
+            for k, j in enumerate(structured):
+                rows[j].allowed = masks[k]
+        out = self.sampler(logits, rows)
+        return {seq.seq_id: SampleResult(out.token_ids[j], out.logprobs[j] if out.logprobs else None,
+                                         out.top_logprobs[j] if out.top_logprobs else None)
+                for j, seq in enumerate(seqs)}

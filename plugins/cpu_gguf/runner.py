@@ -15,8 +15,7 @@ import ctypes
 import numpy as np
 
 from ember.config import CacheConfig, ModelConfig
-from ember.engine.model_runner import (ModelRunner, SampleResult, kv_spec_for, seeded_generator,
-                                       structured_masks)
+from ember.engine.model_runner import HostSampling, ModelRunner, SampleResult, StepInputs, kv_spec_for
 from ember.engine.scheduler import SchedulerOutput
 from ember.engine.sequence import Sequence
 from ember.ops.rope import rope_tables
@@ -79,16 +78,13 @@ class NativeModelRunner(ModelRunner):
     supports_structured_output = True
 
     def __init__(self, backend, cfg: ModelConfig, weights, cache: CacheConfig):
-        from ember.sampler import Sampler
-
         self.cfg, self.block_size = cfg, cache.block_size
         self.kv_spec = kv_spec_for(cfg, cache, backend)
         self.num_kv_blocks = self.kv_spec.num_blocks
         self.kv = backend.allocate_kv_arrays(self.kv_spec)
         ops, qmm, self._lib, decode, write, prefill = _kernels(self.kv_spec.dtype)
         self._ops, threads = ops, backend.threads
-        self.sampler = Sampler()
-        self.generators: dict[int, np.random.Generator] = {}
+        self.sampling = HostSampling()
         self.eos_token_ids = set()
 
         def linear(names, bias=False):
@@ -144,15 +140,7 @@ class NativeModelRunner(ModelRunner):
         self._model_ref = ctypes.byref(m)
 
     def release(self, seq: Sequence) -> None:
-        self.generators.pop(seq.seq_id, None)
-
-    def _generator(self, seq: Sequence) -> np.random.Generator | None:
-        if seq.params.seed is None:
-            return None
-        g = self.generators.get(seq.seq_id)
-        if g is None:
-            g = self.generators[seq.seq_id] = seeded_generator(seq)
-        return g
+        self.sampling.release(seq)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         w = self.embed
@@ -167,46 +155,33 @@ class NativeModelRunner(ModelRunner):
         return x
 
     def execute(self, sched: SchedulerOutput) -> dict[int, SampleResult]:
-        from ember.sampler import SamplingRow
-
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        seq_lens = []
+        step = StepInputs.of(sched, self.block_size)
+        starts = step.query_start_loc
+        # the rows that leave the C step: every prompt position of a sequence that wants prompt
+        # logits, and the last row of each chunk that samples
         out_rows: list[int] = []
         prompt_rows: list[tuple[Sequence, int, int]] = []  # (seq, first out row, count)
         sampling: list[tuple[Sequence, int]] = []  # (seq, out row)
-        for s in sched.scheduled:
+        for i, s in enumerate(sched.scheduled):
             seq, a, b = s.seq, s.start, s.end
-            ids += seq.token_slice(a, b)
-            positions += range(a, b)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(a, b)]
-            seq_lens.append(b)
             if seq.want_prompt_logits and a < seq.num_prompt_tokens:
                 n = min(b, seq.num_prompt_tokens) - a
                 prompt_rows.append((seq, len(out_rows), n))
-                out_rows += range(starts[-1], starts[-1] + n)
-            starts.append(starts[-1] + b - a)
+                out_rows += range(starts[i], starts[i] + n)
             if s.samples:
                 sampling.append((seq, len(out_rows)))
-                out_rows.append(starts[-1] - 1)
-        n_seqs, T = len(sched.scheduled), len(ids)
-        width = max(len(s.seq.block_table) for s in sched.scheduled)
-        tables = np.zeros((n_seqs, width), dtype=np.int64)
-        for i, s in enumerate(sched.scheduled):
-            tables[i, : len(s.seq.block_table)] = s.seq.block_table
-        ids_a = np.array(ids, dtype=np.int64)
-        pos_a, slots_a = np.array(positions, dtype=np.int64), np.array(slots, dtype=np.int64)
-        starts_a, lens_a = np.array(starts, dtype=np.int64), np.array(seq_lens, dtype=np.int64)
+                out_rows.append(starts[i + 1] - 1)
+        n_seqs, T = len(sched.scheduled), len(step.token_ids)
+        tables = step.block_tables
+        ids_a = np.array(step.token_ids, dtype=np.int64)
+        pos_a, slots_a = np.array(step.positions, dtype=np.int64), np.array(step.slots, dtype=np.int64)
+        starts_a, lens_a = np.array(starts, dtype=np.int64), np.array(step.seq_lens, dtype=np.int64)
         rows_a = np.array(out_rows, dtype=np.int64)
         x = self._embed(ids_a)
         hidden = np.empty((len(out_rows), self.cfg.hidden_size), dtype=np.float32)
         logits = np.empty((len(out_rows), self.vocab), dtype=np.float32)
         rc = self._step(self._model_ref, T, x.ctypes.data, pos_a.ctypes.data, slots_a.ctypes.data, n_seqs,
-                        starts_a.ctypes.data, lens_a.ctypes.data, tables.ctypes.data, width,
+                        starts_a.ctypes.data, lens_a.ctypes.data, tables.ctypes.data, tables.shape[1],
                         int(T == n_seqs), len(out_rows), rows_a.ctypes.data, hidden.ctypes.data, logits.ctypes.data)
         if rc != 0:
             raise RuntimeError(f"the native step failed (code {rc}: -1 out of memory; see csrc/llama_forward.c)")
@@ -216,15 +191,4 @@ class NativeModelRunner(ModelRunner):
         if not sampling:
             return {}
         picked = logits[[row for _, row in sampling]]
-        rows = [SamplingRow(params=seq.params, prompt_token_ids=seq.prompt_token_ids,
-                            output_token_ids=seq.output_token_ids, generator=self._generator(seq),
-                            eos_token_ids=self.eos_token_ids) for seq, _ in sampling]
-        structured = [j for j, (seq, _) in enumerate(sampling) if seq.matcher is not None]
-        if structured:
-            masks = structured_masks([sampling[j][0] for j in structured], self.vocab)
-            for k, j in enumerate(structured):
-                rows[j].allowed = masks[k]
-        out = self.sampler(picked, rows)
-        return {seq.seq_id: SampleResult(out.token_ids[j], out.logprobs[j] if out.logprobs else None,
-                                         out.top_logprobs[j] if out.top_logprobs else None)
-                for j, (seq, _) in enumerate(sampling)}
+        return self.sampling(picked, [seq for seq, _ in sampling], self.eos_token_ids)

@@ -260,6 +260,16 @@ typedef struct {
     int64_t k;
 } Acts;
 
+/* A block's scale, and its two halves' and whole's sums of 256 * hi + lo times it (the weights'
+ * offsets multiply these). */
+static inline void block_scales(float amax, const int s[2], float *d, float *sx16, float *sx32) {
+    const float scale = amax / 127.f / 256.f;
+    *d = scale;
+    sx16[0] = scale * (float)s[0];
+    sx16[1] = scale * (float)s[1];
+    *sx32 = scale * (float)(s[0] + s[1]);
+}
+
 #if EMBER_VNNI
 /* The same operations as the scalar loop below, 16 lanes at a time (so the same bytes): with 32
  * or 64 rows a call, quantizing activations one value at a time was a tenth of a step. */
@@ -279,11 +289,7 @@ static void quantize_row(const float *x, int64_t K, int8_t *hi, int8_t *lo, floa
             _mm_storeu_si128((__m128i *)(lo + 32 * b + 16 * half), _mm512_cvtepi32_epi8(lq));
             s[half] = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(hq, 8), lq));
         }
-        float scale = amax / 127.f / 256.f;
-        d[b] = scale;
-        sx16[2 * b] = scale * (float)s[0];
-        sx16[2 * b + 1] = scale * (float)s[1];
-        sx32[b] = scale * (float)(s[0] + s[1]);
+        block_scales(amax, s, d + b, sx16 + 2 * b, sx32 + b);
     }
 }
 #else
@@ -300,11 +306,7 @@ static void quantize_row(const float *x, int64_t K, int8_t *hi, int8_t *lo, floa
             lo[32 * b + i] = (int8_t)l;
             s[i / 16] += 256 * (int)h + (int)l;
         }
-        float scale = amax / 127.f / 256.f;
-        d[b] = scale;
-        sx16[2 * b] = scale * (float)s[0];
-        sx16[2 * b + 1] = scale * (float)s[1];
-        sx32[b] = scale * (float)(s[0] + s[1]);
+        block_scales(amax, s, d + b, sx16 + 2 * b, sx32 + b);
     }
 }
 #endif
