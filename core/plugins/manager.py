@@ -108,6 +108,19 @@ class PluginRegistry:
         return BackendInfo(name, plugin_name, dist_name, dist_version, cls, avail,
                            priority=cls.priority, device_type=cls.device_type)
 
+    @classmethod
+    def of(cls, *backends: type[Backend]) -> "PluginRegistry":
+        """A registry holding just these backend classes, checked as entry points' are (for tests
+        and the conformance kit, which run a backend without installing it)."""
+        reg = cls(entry_points=[])
+        for b in backends:
+            info = reg._check(b, getattr(b, "name", "?"), "(direct)", "")
+            if info.cls is None:
+                reg.failed.append(info)
+            else:
+                reg.backends[info.name] = info
+        return reg
+
     def all(self) -> list[BackendInfo]:
         return sorted(list(self.backends.values()) + self.failed, key=lambda b: (-b.priority, b.name))
 

@@ -93,6 +93,12 @@ class CpuGgufBackend(Backend):
             raise ValueError(f"cpu_gguf supports KV blocks of at most 64 tokens, got {spec.block_size}")
         if spec.dtype not in ("float32", "float16"):
             raise ValueError(f"cpu_gguf keeps its KV cache in float32 or float16, not {spec.dtype}")
+        need, avail = spec.bytes_per_block() * spec.num_blocks, _mem_available()
+        if need > avail:
+            # the pages would only be committed as the cache fills, so this would "work" until a
+            # long enough run met the OOM killer; better to say so now
+            raise MemoryError(f"a KV cache of {need / 2**30:.2f} GiB does not fit in the {avail / 2**30:.2f} GiB "
+                              f"of memory available; lower --kv-cache-memory")
         kshape = (spec.num_kv_heads, spec.num_blocks, spec.head_dim, spec.block_size)
         vshape = (spec.num_kv_heads, spec.num_blocks, spec.block_size, spec.head_dim)
         # numpy's zeros is calloc: zeroed pages the OS commits only when first written. Zeros
