@@ -40,6 +40,17 @@ def _rel_err(got, want) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
 
 
+def _compare(got, want, tol: float, what: str, against: str, allowance: str, where: str) -> float:
+    """The relative error of got, raising a ConformanceFailure that says where it broke."""
+    if tuple(got.shape) != tuple(want.shape):
+        raise ConformanceFailure(f"{what} returned shape {tuple(got.shape)}, expected {tuple(want.shape)} ({where})")
+    err = _rel_err(got, want)
+    if err > tol:
+        raise ConformanceFailure(f"{what} differs from {against} by {err:.2e} (relative; allowed {tol:.0e} for "
+                                 f"{allowance}) with {where}")
+    return err
+
+
 # ----------------------------------------------------------------------------------- attention
 
 @dataclass
@@ -122,15 +133,10 @@ def check_attention(backend: Backend, seed: int = 0) -> str:
                 raise ConformanceFailure(f"attention raised {e!r} (heads={heads}, kv_heads={kvh}, head_dim={d}, "
                                          f"block_size={bs}, query lengths {meta.query_lens_list})") from e
             want = reference.paged_attention(q, k, v, ref_k, ref_v, meta, scale)
-            if tuple(got.shape) != tuple(want.shape):
-                raise ConformanceFailure(f"attention returned shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-            err = _rel_err(got, want)
-            worst = max(worst, err)
-            if err > tol:
-                raise ConformanceFailure(
-                    f"attention differs from the reference by {err:.2e} (relative; allowed {tol:.0e} for a "
-                    f"{kv_dtype} cache) with heads={heads}, kv_heads={kvh}, head_dim={d}, block_size={bs}, "
-                    f"query lengths {meta.query_lens_list}, context lengths {meta.seq_lens_list}")
+            worst = max(worst, _compare(
+                got, want, tol, "attention", "the reference", f"a {kv_dtype} cache",
+                f"heads={heads}, kv_heads={kvh}, head_dim={d}, block_size={bs}, query lengths "
+                f"{meta.query_lens_list}, context lengths {meta.seq_lens_list}"))
             for s, c in chunks:
                 s.done += c
     return f"worst relative error {worst:.1e} ({kv_dtype} cache)"
@@ -195,15 +201,9 @@ def check_linear(backend: Backend, seed: int = 0) -> str:
                 x = torch.from_numpy(rng.standard_normal((m, cols)).astype(np.float32))
                 want = reference.linear(x, weights, bias_)
                 got = layer(x.clone())
-                if tuple(got.shape) != tuple(want.shape):
-                    raise ConformanceFailure(f"{t} linear returned shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-                err = _rel_err(got, want)
-                worst = max(worst, err)
-                if err > tol:
-                    raise ConformanceFailure(
-                        f"{t} linear differs from dequantize-then-matmul by {err:.2e} (relative; allowed "
-                        f"{tol:.0e} for {backend.dtypes[0]} compute) with {m} rows, {len(weights)} parts, "
-                        f"{'a' if bias_ else 'no'} bias")
+                worst = max(worst, _compare(
+                    got, want, tol, f"{t} linear", "dequantize-then-matmul", f"{backend.dtypes[0]} compute",
+                    f"{m} rows, {len(weights)} parts, {'a' if bias_ else 'no'} bias"))
     return f"{len(types)} types, worst relative error {worst:.1e}"
 
 
