@@ -233,3 +233,16 @@ def test_chunked_prefill_gives_the_whole_prompts_bits(dtype, variant):
         for cached in (1, 17, 150, 298):
             part = call_prefill(fn, q[cached:], kc, vc, bt, torch.tensor([0, 300 - cached]), lens, 0.125)
             assert torch.equal(part, whole[cached:]), f"{heads} heads, {kv_heads} kv heads: a chunk after {cached}"
+
+
+def test_reference_write_skips_padding_slots():
+    """Slot -1 marks a padding row: the reference must leave the pool alone for it (indexing with
+    -1 would write the pool's last slot)."""
+    from ember.ops import reference
+
+    k_cache, v_cache = torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)
+    k, v = torch.ones(3, 1, 8), 2 * torch.ones(3, 1, 8)
+    reference.write_kv(k, v, k_cache, v_cache, torch.tensor([0, -1, 5]))
+    flat_k, flat_v = k_cache.view(8, 8), v_cache.view(8, 8)
+    assert flat_k[[0, 5]].eq(1).all() and flat_v[[0, 5]].eq(2).all()
+    assert flat_k[[1, 2, 3, 4, 6, 7]].eq(0).all() and flat_v[7].eq(0).all()

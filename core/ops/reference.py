@@ -9,6 +9,11 @@ from ember.backend import AttentionMetadata
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     nb, bs, h, d = k_cache.shape
+    # negative slots are padding (vLLM's convention, for batches padded to a captured size):
+    # indexing with -1 would overwrite the pool's last slot
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     k_cache.view(nb * bs, h, d)[slot_mapping] = k.to(k_cache.dtype)
     v_cache.view(nb * bs, h, d)[slot_mapping] = v.to(v_cache.dtype)
 
