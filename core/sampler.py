@@ -36,7 +36,7 @@ class SamplingRow:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    # Created once per request by the runner (default_rng(params.seed + index)) and kept across
+    # Created once per sample by the runner (model_runner.seeded_generator) and kept across
     # steps, so the request's draws are a function of its seed and step count only.
     generator: np.random.Generator | None = None
     eos_token_ids: set[int] = field(default_factory=set)

@@ -191,7 +191,7 @@ def check_linear(backend: Backend, seed: int = 0) -> str:
         cols = 512 if t.endswith("_K") else 96
         parts = [random_weight(t, 48, cols, rng, "a"), random_weight(t, 20, cols, rng, "b")]
         bias = [random_weight("F32", 1, 48, rng, "ba"), random_weight("F32", 1, 20, rng, "bb")]
-        for bias_ in (None, [QuantWeightRow(b) for b in bias]):
+        for bias_ in (None, [_as_bias(b) for b in bias]):
             weights = parts if bias_ else parts[:1]
             try:
                 layer = backend.create_linear(weights, bias_)
@@ -207,7 +207,7 @@ def check_linear(backend: Backend, seed: int = 0) -> str:
     return f"{len(types)} types, worst relative error {worst:.1e}"
 
 
-def QuantWeightRow(w):
+def _as_bias(w):
     """A bias as the loader gives it: a 1-D tensor."""
     from ember.gguf.loader import QuantWeight
 

@@ -82,9 +82,9 @@ def load(name: str, variant: str = "native") -> ctypes.CDLL | None:
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
 
-def _attention_fn(name: str, dtype: str, argtypes: list, restype):
+def _attention_fn(name: str, dtype: str, argtypes: list, restype, variant: str = "native"):
     """csrc/paged_attention.c's `name` for a float32 cache, or `name`_f16 for a float16 one."""
-    lib = load("paged_attention")
+    lib = load("paged_attention", variant)
     if lib is None:
         return None
     fn = getattr(lib, {"float32": name, "float16": name + "_f16"}[dtype])
@@ -110,13 +110,8 @@ def paged_prefill(dtype: str = "float32", variant: str = "native"):
     """Prefill and mixed-step attention (any query lengths, causal over each sequence's cache) for a
     float32 or float16 KV cache, None without a compiler; its contract and return codes are in
     csrc/paged_attention.c. `variant` picks the build (the tests run both)."""
-    lib = load("paged_attention", variant)
-    if lib is None:
-        return None
-    fn = getattr(lib, {"float32": "ember_paged_prefill", "float16": "ember_paged_prefill_f16"}[dtype])
-    fn.argtypes = [_p, _i64, _p, _p, _p, _i64, _p, _p, _i32, _p, _i32, _i32, _i32, _i64, _i32, _f32, _i32]
-    fn.restype = ctypes.c_int
-    return fn
+    return _attention_fn("ember_paged_prefill", dtype, [_p, _i64, _p, _p, _p, _i64, _p, _p, _i32, _p, _i32, _i32,
+                                                        _i32, _i64, _i32, _f32, _i32], ctypes.c_int, variant)
 
 
 class LayerOpsLib:

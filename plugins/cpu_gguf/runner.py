@@ -103,8 +103,8 @@ class NativeModelRunner(ModelRunner):
         norms = {"in_norm": [norm(f"model.layers.{i}.input_layernorm.weight") for i in range(cfg.num_layers)],
                  "post_norm": [norm(f"model.layers.{i}.post_attention_layernorm.weight") for i in range(cfg.num_layers)]}
         if cfg.qk_norm:
-            for k, n in (("q_norm", "q_norm"), ("k_norm", "k_norm")):
-                norms[k] = [norm(f"model.layers.{i}.self_attn.{n}.weight") for i in range(cfg.num_layers)]
+            for k in ("q_norm", "k_norm"):
+                norms[k] = [norm(f"model.layers.{i}.self_attn.{k}.weight") for i in range(cfg.num_layers)]
         self.embed = weights["model.embed_tokens.weight"]
         self.lm_head = linear(["lm_head" if "lm_head.weight" in weights else "model.embed_tokens"])
         self.vocab = self.lm_head.out_features
@@ -190,5 +190,6 @@ class NativeModelRunner(ModelRunner):
             seq.prompt_logits = chunk.copy() if seq.prompt_logits is None else np.concatenate([seq.prompt_logits, chunk])
         if not sampling:
             return {}
-        picked = logits[[row for _, row in sampling]]
+        # without prompt rows the logits are exactly the sampled rows, in order: no gathered copy
+        picked = logits[[row for _, row in sampling]] if prompt_rows else logits
         return self.sampling(picked, [seq for seq, _ in sampling], self.eos_token_ids)
