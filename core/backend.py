@@ -42,6 +42,16 @@ class Availability:
 class BackendOptions:
     threads: int | None = None
     exact: bool = False  # keep reference numerics: no approximating fast paths
+    # Compute dtype ("bfloat16", "float16", "float32"); None: the first of the backend's dtypes.
+    dtype: str | None = None
+    # Share of the device's memory the engine may fill (weights, activations, KV cache), as vLLM's
+    # --gpu-memory-utilization. Backends on host memory ignore it.
+    memory_utilization: float = 0.9
+    eager: bool = False  # no graph capture (CUDA graphs and the like): easier to debug and profile
+    # The largest step the engine will schedule: what a backend profiles activation memory with,
+    # and the batch sizes it captures graphs for.
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -116,18 +126,30 @@ class Backend(ABC):
     quant_formats: ClassVar[frozenset[str]] = frozenset()
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
     description: ClassVar[str] = ""
+    # The torch device the core's torch runner puts its inputs, norm weights and RoPE tables on.
+    # A backend on an accelerator sets it (per instance when it picks a device index).
+    device: str = "cpu"
 
     def __init__(self, options: BackendOptions | None = None):
         self.options = options or BackendOptions()
+        if self.options.dtype is not None and self.options.dtype not in self.dtypes:
+            raise ValueError(f"backend {self.name!r} computes in {', '.join(self.dtypes)}, "
+                             f"not {self.options.dtype}")
+        if not 0.0 < self.options.memory_utilization <= 1.0:
+            raise ValueError(f"memory utilization must be in (0, 1], got {self.options.memory_utilization}")
 
     @classmethod
     @abstractmethod
     def availability(cls) -> Availability:
         """Whether this backend can run here; when not, a reason a person can act on."""
 
+    def compute_dtype(self) -> str:
+        """The dtype activations (and float weights) are held in."""
+        return self.options.dtype or self.dtypes[0]
+
     # --- memory -----------------------------------------------------------------------------
     def kv_cache_dtype(self) -> str:
-        return self.dtypes[0]
+        return self.compute_dtype()
 
     @abstractmethod
     def allocate_kv_cache(self, spec: KVCacheSpec) -> list[tuple["torch.Tensor", "torch.Tensor"]]:

@@ -14,6 +14,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=_positive_int, default=None, help="context length to serve")
     p.add_argument("--kv-cache-memory", type=_size, default=None, help="KV-cache size, e.g. 512M or 2G")
     p.add_argument("--exact", action="store_true", help="reference numerics only, no approximate fast paths")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="compute dtype (default: the backend's)")
+    p.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
+                   help="share of the accelerator's memory to use for weights, activations and KV cache")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs (accelerator backends)")
 
 
 def _positive_int(s: str) -> int:
@@ -23,6 +28,16 @@ def _positive_int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
     return v
 
 
@@ -42,7 +57,9 @@ def _size(s: str) -> int:
 def _make_llm(args, model_path):
     from ember.llm import LLM
 
-    kw = dict(device=args.device, threads=args.threads, max_model_len=args.max_model_len, exact=args.exact)
+    kw = dict(device=args.device, threads=args.threads, max_model_len=args.max_model_len, exact=args.exact,
+              dtype=None if args.dtype == "auto" else args.dtype,
+              gpu_memory_utilization=args.gpu_memory_utilization, eager=args.eager)
     if args.kv_cache_memory:
         kw["kv_cache_memory"] = args.kv_cache_memory
     return LLM(str(model_path), **kw)

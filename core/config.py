@@ -68,6 +68,9 @@ class EngineConfig:
     device: str = "auto"
     threads: int | None = None
     exact: bool = False
+    dtype: str | None = None  # compute dtype; None: the backend's default
+    memory_utilization: float = 0.9  # --gpu-memory-utilization
+    eager: bool = False  # no CUDA graphs
     seed: int = 0
     max_model_len: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,8 @@ class SamplingRow:
     output_token_ids: list[int]
     # Created once per sample by the runner (model_runner.seeded_generator) and kept across
     # steps, so the request's draws are a function of its seed and step count only.
-    generator: np.random.Generator | None = None
+    # (ember.engine.torch_sampler puts a torch.Generator here: the same role on the device.)
+    generator: Any = None
     eos_token_ids: set[int] = field(default_factory=set)
     # Structured output: a bool array as wide as the logits, True where the grammar allows the
     # token. None (every unstructured row) costs nothing.

@@ -4,6 +4,7 @@ attention (varlen prefill and split decode) and GGUF dequantization.
 Without a GPU they run in Triton's interpreter on CPU tensors, with small shapes; with one (CUDA
 or ROCm) they run on it."""
 import dataclasses
+import itertools
 import os
 
 import pytest
@@ -22,7 +23,7 @@ from ember.backend import AttentionMetadata  # noqa: E402
 from ember.gguf import quants  # noqa: E402
 from ember.ops import reference  # noqa: E402
 from ember_cuda.kernels import dequant, paged_attention as pa  # noqa: E402
-from ember_cuda.kernels.kv_write import write_kv  # noqa: E402
+from ember_cuda.kernels.kv_write import launch_config as kv_write_config, write_kv  # noqa: E402
 from ember_cuda.kernels.launch import describe  # noqa: E402
 from test_cpu_quant_kernels import weight  # noqa: E402
 
@@ -94,10 +95,11 @@ def assert_close(got, want, dtype):
 
 # ----------------------------------------------------------------------------------- kv write
 
+@pytest.mark.parametrize("tokens_per_program", [None, 1, 16])  # None: the device's default
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32,) * 2, (torch.bfloat16,) * 2,
                                                (torch.float32, torch.float16)], ids=str)
-def test_kv_write_matches_reference_and_skips_padding(block_size, dtype, cache_dtype):
+def test_kv_write_matches_reference_and_skips_padding(block_size, dtype, cache_dtype, tokens_per_program):
     meta, _, _, k_cache, v_cache = make_batch([(5, 40), (1, 17), (33, 33)], block_size, 3, 64, cache_dtype,
                                               seed=0, padding=4)
     k, v = torch.randn(2, len(meta.slot_mapping), 3, 64, dtype=dtype)
@@ -107,7 +109,10 @@ def test_kv_write_matches_reference_and_skips_padding(block_size, dtype, cache_d
     # q/k/v are usually strided views of a fused projection
     kv = torch.cat([k, v], dim=2).to(DEVICE)
     kc, vc = k_cache.to(DEVICE), v_cache.to(DEVICE)
-    write_kv(kv[..., :64], kv[..., 64:], kc, vc, meta.slot_mapping.to(DEVICE))
+    config = None
+    if tokens_per_program:  # 43 tokens: a last program only partly full
+        config = {**kv_write_config(describe(DEVICE), 3, 64), "BLOCK_T": tokens_per_program}
+    write_kv(kv[..., :64], kv[..., 64:], kc, vc, meta.slot_mapping.to(DEVICE), config)
     assert torch.equal(kc.cpu(), want_k) and torch.equal(vc.cpu(), want_v)
 
 
@@ -162,6 +167,15 @@ def test_decode_float32(group, head_dim, block_size):
     assert_close(got, want, torch.float32)
 
 
+def test_decode_reduce_one_head_a_program(monkeypatch):
+    # a GPU's reduce settings (the interpreter's own take every head in one program)
+    gpu_reduce = pa.decode_reduce_config
+    monkeypatch.setattr(pa, "decode_reduce_config", lambda *a: {**gpu_reduce(*a), "HEADS_PER_PROGRAM": 1})
+    config = decode_config(4, 64, torch.float32, **SMALL_SPLITS)
+    got, want = run_attention(pa.decode_attention, DECODE, 4, 64, 16, torch.float32, seed=3, config=config)
+    assert_close(got, want, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("group", [1, 4])
 def test_decode_16_bit(group, dtype):
@@ -208,13 +222,15 @@ def test_dispatch_by_step_kind():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
 def test_dequantize_equals_reference(qtype, dtype):
-    # more blocks than one program takes, and a last program only partly full
+    # more blocks than one program takes (with a GPU's settings; the interpreter's own take 64k
+    # values a program), and a last program only partly full
+    gpu = dequant.launch_config(dataclasses.replace(describe(DEVICE), vendor="nvidia"), qtype)
     shapes = [(9, 256), (70, 512)] + ([(7, 96)] if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0) else [])
-    for rows, cols in shapes:
+    for (rows, cols), config in itertools.product(shapes, [None, gpu]):
         w = weight(qtype, rows, cols, rows)
         want = quants.dequantize(w.data, qtype, w.shape)
-        got = dequant.dequantize(torch.from_numpy(w.data).to(DEVICE), qtype, w.shape, dtype=dtype)
-        assert torch.equal(got.cpu(), want.to(dtype)), (rows, cols)
+        got = dequant.dequantize(torch.from_numpy(w.data).to(DEVICE), qtype, w.shape, dtype=dtype, config=config)
+        assert torch.equal(got.cpu(), want.to(dtype)), (rows, cols, config)
         if dtype == torch.float32:  # and gguf's own dequantization, the second reference
             assert np.array_equal(got.cpu().numpy(), gguf_quants.dequantize(w.data, qtype))
 

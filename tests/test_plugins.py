@@ -82,8 +82,8 @@ def test_broken_plugins_are_reported_and_do_not_take_others_down():
     assert reg.select("auto").name == "cpu_gguf"
     with pytest.raises(BackendUnavailable, match="no CUDA device found"):
         reg.select("cuda")
-    with pytest.raises(BackendUnavailable, match="no backend named 'tpu'"):
-        reg.select("tpu")
+    with pytest.raises(BackendUnavailable, match="no backend named 'npu'"):
+        reg.select("npu")
 
 
 def test_no_usable_backend_gives_every_reason():

@@ -71,7 +71,11 @@ class LLMEngine:
         self.gguf, cfg, self.tokenizer, weights = load_model_file(path)
         info = (registry or get_registry()).select(config.device)
         self.backend_info = info
-        self.backend = info.cls(BackendOptions(threads=config.threads, exact=config.exact))
+        self.backend = info.cls(BackendOptions(threads=config.threads, exact=config.exact, dtype=config.dtype,
+                                               memory_utilization=config.memory_utilization,
+                                               eager=config.eager,
+                                               max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                                               max_num_seqs=config.scheduler.max_num_seqs))
         missing = sorted({w.qtype.name for w in weights.values()} - set(self.backend.quant_formats))
         if missing:
             raise BackendUnavailable(f"backend {info.name!r} cannot run tensor types {', '.join(missing)} "

@@ -58,7 +58,9 @@ def structured_masks(seqs: list[Sequence], width: int) -> np.ndarray:
 def seeded_generator(seq: Sequence) -> np.random.Generator | None:
     """The RNG of a seeded request's sample, for SamplingRow.generator: created once and kept by the
     runner for the sequence's life. n samples of one request differ from each other but are each
-    reproducible, and every runner that uses this draws the same tokens from the same logits."""
+    reproducible, and every runner that samples on the host draws the same tokens from the same
+    logits. (On a device, ember.engine.torch_sampler draws from torch's generators: the same
+    distribution, another stream.)"""
     if seq.params.seed is None:
         return None
     # Seeds are signed 64-bit (OpenAI's API allows negative ones); numpy takes non-negative integers.

@@ -26,13 +26,25 @@ class TorchModelRunner(ModelRunner):
                              f"(have: {', '.join(sorted(MODEL_FAMILIES))})")
         self.backend = backend
         self.cfg = cfg
+        self.device = torch.device(backend.device)
         self.model = family(cfg, weights, backend, max_positions)
+        self.block_size = cache.block_size
+        # after the weights, before the pool: a device runner measures its activation peak here
+        self.profile()
         self.kv_spec = kv_spec_for(cfg, cache, backend)
         self.num_kv_blocks = self.kv_spec.num_blocks
-        self.block_size = cache.block_size
         self.kv_caches = backend.allocate_kv_cache(self.kv_spec)
-        self.sampling = HostSampling()
+        if self.device.type == "cpu":
+            self.sampling = HostSampling()
+        else:  # on an accelerator the logits stay there: one small copy back per step
+            from ember.engine.torch_sampler import DeviceSampling
+
+            self.sampling = DeviceSampling()
         self.eos_token_ids = set()
+
+    def profile(self) -> None:
+        """Runs once the model is built and before the KV pool is sized. The default does nothing;
+        a device runner runs its largest step here to learn what memory is left for the pool."""
 
     def release(self, seq: Sequence) -> None:
         self.sampling.release(seq)
@@ -40,17 +52,18 @@ class TorchModelRunner(ModelRunner):
     def prepare(self, sched: SchedulerOutput):
         step = StepInputs.of(sched, self.block_size)
         starts = step.query_start_loc
+        dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(step.slots, dtype=torch.long),
-            block_tables=torch.from_numpy(step.block_tables),
-            seq_lens=torch.tensor(step.seq_lens, dtype=torch.long),
-            query_start_loc=torch.tensor(starts, dtype=torch.long),
+            slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=dev),
+            block_tables=torch.from_numpy(step.block_tables).to(dev),
+            seq_lens=torch.tensor(step.seq_lens, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.long, device=dev),
             query_lens_list=[b - a for a, b in zip(starts, starts[1:])],
             seq_lens_list=step.seq_lens,
             block_size=self.block_size,
         )
-        return (torch.tensor(step.token_ids, dtype=torch.long), torch.tensor(step.positions, dtype=torch.long),
-                meta)
+        return (torch.tensor(step.token_ids, dtype=torch.long, device=dev),
+                torch.tensor(step.positions, dtype=torch.long, device=dev), meta)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> dict[int, SampleResult]:
@@ -66,11 +79,12 @@ class TorchModelRunner(ModelRunner):
                 s.seq.prompt_logits = chunk if s.seq.prompt_logits is None else torch.cat([s.seq.prompt_logits, chunk])
         if not sampling:
             return {}
-        last_rows = torch.tensor([starts[i + 1] - 1 for i, _ in sampling], dtype=torch.long)
-        logits = self.model.logits(hidden[last_rows])
-        # The sampler is numpy on the host. A device backend should bring a device-side sampler of
-        # its own rather than pay this copy (and the sync it implies) every step.
-        logits = logits.float()
-        if logits.device.type != "cpu":
-            logits = logits.cpu()
-        return self.sampling(logits.numpy(), [s.seq for _, s in sampling], self.eos_token_ids)
+        last_rows = torch.tensor([starts[i + 1] - 1 for i, _ in sampling], dtype=torch.long, device=self.device)
+        return self.sample(self.model.logits(hidden[last_rows]), [s.seq for _, s in sampling])
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, SampleResult]:
+        """One token for each of seqs from its row of logits: with the core's numpy sampler on the
+        host, or its torch twin on the device, so the logits never cross to the host."""
+        if self.device.type != "cpu":
+            return self.sampling(logits, seqs, self.eos_token_ids)
+        return self.sampling(logits.float().numpy(), seqs, self.eos_token_ids)

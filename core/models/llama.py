@@ -12,22 +12,23 @@ from ember.config import ModelConfig
 from ember.ops.rope import rope_tables
 
 
-def _norm_weight(weights, name: str) -> torch.Tensor:
-    return weights[name].dequantize().reshape(-1)
+def _norm_weight(weights, name: str, device: torch.device) -> torch.Tensor:
+    return weights[name].dequantize().reshape(-1).to(device)
 
 
 class LlamaLayer:
     def __init__(self, cfg: ModelConfig, weights, i: int, backend: Backend):
         p = f"model.layers.{i}."
         self.cfg = cfg
-        self.input_norm = _norm_weight(weights, p + "input_layernorm.weight")
-        self.post_norm = _norm_weight(weights, p + "post_attention_layernorm.weight")
+        dev = torch.device(backend.device)
+        self.input_norm = _norm_weight(weights, p + "input_layernorm.weight", dev)
+        self.post_norm = _norm_weight(weights, p + "post_attention_layernorm.weight", dev)
         names = [p + f"self_attn.{x}_proj" for x in "qkv"]
         biases = [weights.get(n + ".bias") for n in names] if cfg.attention_bias else None
         self.qkv = backend.create_linear([weights[n + ".weight"] for n in names], biases)
         self.o = backend.create_linear([weights[p + "self_attn.o_proj.weight"]])
-        self.q_norm = _norm_weight(weights, p + "self_attn.q_norm.weight") if cfg.qk_norm else None
-        self.k_norm = _norm_weight(weights, p + "self_attn.k_norm.weight") if cfg.qk_norm else None
+        self.q_norm = _norm_weight(weights, p + "self_attn.q_norm.weight", dev) if cfg.qk_norm else None
+        self.k_norm = _norm_weight(weights, p + "self_attn.k_norm.weight", dev) if cfg.qk_norm else None
         if cfg.num_experts:
             self.router = backend.create_linear([weights[p + "mlp.gate.weight"]])
             self.experts = [
@@ -61,11 +62,12 @@ class LlamaModel:
         self.cfg = cfg
         self.embed = backend.create_embedding(weights["model.embed_tokens.weight"])
         self.layers = [LlamaLayer(cfg, weights, i, backend) for i in range(cfg.num_layers)]
-        self.norm = _norm_weight(weights, "model.norm.weight")
+        dev = torch.device(backend.device)
+        self.norm = _norm_weight(weights, "model.norm.weight", dev)
         head = weights.get("lm_head.weight") or weights["model.embed_tokens.weight"]
         self.lm_head = backend.create_linear([head])
         cos, sin = rope_tables(cfg, max_positions or cfg.context_length)
-        self.cos, self.sin = torch.from_numpy(cos), torch.from_numpy(sin)
+        self.cos, self.sin = torch.from_numpy(cos).to(dev), torch.from_numpy(sin).to(dev)
         self.attn = backend.attention()
         self.ops = backend.layer_ops()
         self.scale = cfg.head_dim ** -0.5

@@ -1,6 +1,14 @@
-"""cuda: ember's backend for NVIDIA GPUs (and, through the same Triton kernels, AMD ones).
+"""cuda: ember's backend for NVIDIA GPUs, registered like any third-party plugin.
 
-So far only its kernels exist, in ``ember_cuda.kernels``; the backend class and its entry point
-come next. Importing this package must not import triton: ``ember plugins`` has to be able to
-say why the backend is unavailable on a machine without it.
+Its Triton kernels (``ember_cuda.kernels``) are shared with the rocm backend. Importing this
+package must not import triton or initialise CUDA: ``ember plugins`` has to be able to say why the
+backend is unavailable on a machine without either.
 """
+from ember.plugins import hookimpl
+
+
+@hookimpl
+def ember_register_backends(register):
+    from ember_cuda.backend import CudaBackend
+
+    register(CudaBackend)

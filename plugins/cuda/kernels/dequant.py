@@ -18,6 +18,10 @@ from .launch import DeviceSpec, describe
 
 def launch_config(dev: DeviceSpec, qtype: Q) -> dict:
     values, _ = GGML_QUANT_SIZES[qtype]
+    if dev.interpreter:
+        # the interpreter pays per program, not per value: few large programs load a model in
+        # seconds where 2048-value ones take minutes
+        return {"BLOCKS": 65536 // values, "num_warps": 4, "enable_fp_fusion": False}
     # about 2048 values a program; a load-time pass bound by memory
     # no fused multiply-add: it would round d * q + m once where the reference rounds twice
     return {"BLOCKS": 2048 // values, "num_warps": 4, "enable_fp_fusion": False}

@@ -46,19 +46,30 @@ def _key_tile(dev: DeviceSpec, rows: int, block_d: int, dtype: torch.dtype, stag
     return block_n
 
 
+def _stages(dev: DeviceSpec) -> int:
+    # AMD's MI300 tuning guide: software pipelining in one stage for kernels with two dots in
+    # their loop, as flash attention has (NVIDIA's GPUs overlap the next tile's loads in two)
+    return 1 if dev.vendor == "amd" else 2
+
+
+def _amd_options(dev: DeviceSpec) -> dict:
+    # AMD's Triton backend takes an occupancy hint NVIDIA's rejects: two waves per SIMD lets
+    # one hide the other's memory latency (the same guide's starting point for attention)
+    return {"waves_per_eu": 2} if dev.vendor == "amd" else {}
+
+
 def prefill_config(dev: DeviceSpec, head_dim: int, group: int, dtype: torch.dtype) -> dict:
     block_d = triton.next_power_of_2(head_dim)
     if dev.interpreter:
         # small tiles, so that CI's small shapes still cross tile and block boundaries
         block_m, block_n, warps, stages = 16, 16, 4, 1
     else:
-        # unmeasured starting points, NVIDIA's and AMD's alike until the rocm backend measures
-        # its own
-        block_m, warps, stages = 64, 4, 2
+        # unmeasured starting points
+        block_m, warps, stages = 64, 4, _stages(dev)
         block_n = _key_tile(dev, block_m, block_d, dtype, stages)
     return {"BLOCK_M": max(block_m, triton.next_power_of_2(group)), "BLOCK_N": block_n,
             "BLOCK_D": block_d, "UPCAST": _upcast(dev, dtype), "num_warps": warps,
-            "num_stages": stages, "enable_fp_fusion": True}
+            "num_stages": stages, "enable_fp_fusion": True, **_amd_options(dev)}
 
 
 def decode_config(dev: DeviceSpec, head_dim: int, group: int, dtype: torch.dtype) -> dict:
@@ -69,15 +80,18 @@ def decode_config(dev: DeviceSpec, head_dim: int, group: int, dtype: torch.dtype
         block_n, split_len, warps, stages = 16, 64, 4, 1
     else:
         # unmeasured, as above; 512 keys per split gives a 4k context 8 programs per kv head
-        split_len, warps, stages = 512, 4, 2
+        split_len, warps, stages = 512, 4, _stages(dev)
         block_n = _key_tile(dev, block_h, block_d, dtype, stages)
     return {"BLOCK_H": block_h, "BLOCK_N": block_n, "BLOCK_D": block_d, "SPLIT_LEN": split_len,
             "UPCAST": _upcast(dev, dtype), "num_warps": warps, "num_stages": stages,
-            "enable_fp_fusion": True}
+            "enable_fp_fusion": True, **_amd_options(dev)}
 
 
-def decode_reduce_config(dev: DeviceSpec, head_dim: int) -> dict:
+def decode_reduce_config(dev: DeviceSpec, head_dim: int, heads: int) -> dict:
+    # a GPU gives each head its own program; the interpreter pays per program, so there one
+    # program takes every head of a sequence
     return {"BLOCK_D": triton.next_power_of_2(head_dim), "num_warps": 1 if head_dim <= 64 else 2,
+            "HEADS_PER_PROGRAM": triton.next_power_of_2(heads) if dev.interpreter else 1,
             "enable_fp_fusion": True}
 
 
@@ -202,28 +216,32 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_m_ptr, part_l_ptr, part
 @triton.jit
 def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, seq_lens_ptr,
                           query_start_loc_ptr, num_heads, max_splits, stride_ot, stride_oh,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_LEN: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_LEN: tl.constexpr,
+                          HEADS_PER_PROGRAM: tl.constexpr):
     seq = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1) * HEADS_PER_PROGRAM + tl.arange(0, HEADS_PER_PROGRAM)
+    h_ok = head < num_heads
     n_splits = tl.cdiv(tl.load(seq_lens_ptr + seq), SPLIT_LEN)
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
+    mask = h_ok[:, None] & (d < HEAD_DIM)[None, :]
     base = (seq * num_heads + head) * max_splits
     # split 0 always holds keys (a context is never empty), so no -inf enters the sums
-    m = tl.load(part_m_ptr + base)
-    l = tl.load(part_l_ptr + base)
-    acc = tl.load(part_acc_ptr + base * HEAD_DIM + d, mask=d_ok, other=0.0)
+    m = tl.load(part_m_ptr + base, mask=h_ok, other=0.0)
+    l = tl.load(part_l_ptr + base, mask=h_ok, other=1.0)
+    acc = tl.load(part_acc_ptr + base[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
     for s in range(1, n_splits):
-        m_s = tl.load(part_m_ptr + base + s)
+        m_s = tl.load(part_m_ptr + base + s, mask=h_ok, other=0.0)
         m_new = tl.maximum(m, m_s)
         alpha = tl.exp2(m - m_new)
         beta = tl.exp2(m_s - m_new)
-        l = l * alpha + tl.load(part_l_ptr + base + s) * beta
-        acc = acc * alpha + tl.load(part_acc_ptr + (base + s) * HEAD_DIM + d, mask=d_ok, other=0.0) * beta
+        l = l * alpha + tl.load(part_l_ptr + base + s, mask=h_ok, other=0.0) * beta
+        acc = (acc * alpha[:, None]
+               + tl.load(part_acc_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+               * beta[:, None])
         m = m_new
     t = tl.load(query_start_loc_ptr + seq)
-    tl.store(out_ptr + t * stride_ot + head * stride_oh + d, (acc / l).to(out_ptr.dtype.element_ty),
-             mask=d_ok)
+    tl.store(out_ptr + t * stride_ot + head[:, None] * stride_oh + d[None, :],
+             (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -263,10 +281,29 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out
 
 
+def decode_splits(context: int, config: dict) -> int:
+    """How many splits a decode launch needs for contexts up to `context` tokens."""
+    return triton.cdiv(context, config["SPLIT_LEN"])
+
+
+def decode_workspace(num_seqs: int, heads: int, head_dim: int, max_splits: int,
+                     device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The split partials (max, sum, weighted values) of a decode launch. Preallocated by a caller
+    that captures the launch in a CUDA graph, where nothing may be allocated per step."""
+    part_m = torch.empty((num_seqs, heads, max_splits), dtype=torch.float32, device=device)
+    part_acc = torch.empty((num_seqs, heads, max_splits, head_dim), dtype=torch.float32, device=device)
+    return part_m, torch.empty_like(part_m), part_acc
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta: AttentionMetadata, scale: float, out: torch.Tensor | None = None,
-                     config: dict | None = None) -> torch.Tensor:
-    """One query row per sequence (meta.decode_only): q [num_seqs, heads, head_dim] -> out."""
+                     config: dict | None = None,
+                     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One query row per sequence (meta.decode_only): q [num_seqs, heads, head_dim] -> out.
+
+    Without a workspace the grid is sized for this step's longest context; with one (from
+    decode_workspace) for the most splits it holds, so that a captured graph serves any context
+    up to that (the programs past a sequence's context return at once)."""
     assert meta.decode_only, "decode_attention takes one query per sequence"
     heads, group, head_dim = _check(q, k_cache, v_cache)
     q = head_dim_contiguous(q)
@@ -275,11 +312,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     dev = describe(q.device)
     config = config or decode_config(dev, head_dim, group, q.dtype)
-    max_splits = triton.cdiv(max(meta.seq_lens_list), config["SPLIT_LEN"])
-    part_m = torch.empty((meta.num_seqs, heads, max_splits), dtype=torch.float32, device=q.device)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty((meta.num_seqs, heads, max_splits, head_dim), dtype=torch.float32,
-                           device=q.device)
+    if workspace is None:
+        workspace = decode_workspace(meta.num_seqs, heads, head_dim,
+                                     decode_splits(max(meta.seq_lens_list), config), q.device)
+    part_m, part_l, part_acc = workspace
+    assert part_m.shape[0] >= meta.num_seqs and part_m.shape[1] == heads, "workspace too small"
+    max_splits = part_m.shape[2]
     kv_heads = k_cache.shape[2]
     _decode_kernel[(meta.num_seqs, kv_heads, max_splits)](
         q, k_cache, v_cache, part_m, part_l, part_acc,
@@ -287,10 +325,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.block_tables.stride(0), heads, max_splits,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], **config)
-    _decode_reduce_kernel[(meta.num_seqs, heads)](
+    reduce = decode_reduce_config(dev, head_dim, heads)
+    _decode_reduce_kernel[(meta.num_seqs, triton.cdiv(heads, reduce["HEADS_PER_PROGRAM"]))](
         part_m, part_l, part_acc, out, meta.seq_lens, meta.query_start_loc, heads, max_splits,
-        out.stride(0), out.stride(1), HEAD_DIM=head_dim, SPLIT_LEN=config["SPLIT_LEN"],
-        **decode_reduce_config(dev, head_dim))
+        out.stride(0), out.stride(1), HEAD_DIM=head_dim, SPLIT_LEN=config["SPLIT_LEN"], **reduce)
     return out
 
 
