@@ -24,6 +24,19 @@ if TYPE_CHECKING:  # pragma: no cover
 BACKEND_API_VERSION = 1
 
 
+def host_memory_available() -> int | None:
+    """Bytes the host could still give (Linux's MemAvailable); None where that is unknown. For
+    backends whose KV pool lives in host memory, or that fall back to it."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 @dataclass(frozen=True)
 class Availability:
     ok: bool

@@ -297,7 +297,7 @@ def test_the_kv_pool_is_donated_and_updated_in_place(tiny_llm):
 
 def test_kv_pool_larger_than_memory_is_refused():
     backend = JaxCpuBackend()
-    free = tpu_backend._host_mem_available()
+    free = tpu_backend.host_memory_available()
     spec = KVCacheSpec(1, free // KVCacheSpec(1, 1, 16, 2, 64).bytes_per_block() + 1, 16, 2, 64)
     with pytest.raises(MemoryError, match="does not fit in the .* GiB free on"):
         backend.allocate_kv_pool(spec)

@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec
+from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec, host_memory_available
 from ember_cpu_gguf import native
 
 log = logging.getLogger(__name__)
@@ -32,17 +32,6 @@ def physical_cores() -> int:
     except (OSError, IndexError):
         pass
     return max(1, avail)
-
-
-def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2 * 1024**3
 
 
 class CpuGgufBackend(Backend):
@@ -84,7 +73,7 @@ class CpuGgufBackend(Backend):
     def available_kv_memory(self) -> int:
         """A third of the memory free now, at most 4 GiB: pages are only committed as the cache
         fills (see allocate_kv_cache), so a generous pool costs nothing until it is used."""
-        return min(4 * 1024**3, _mem_available() // 3)
+        return min(4 * 1024**3, (host_memory_available() or 2 * 1024**3) // 3)
 
     def allocate_kv_arrays(self, spec: KVCacheSpec) -> list[tuple[np.ndarray, np.ndarray]]:
         """The paged pool as numpy arrays, one (keys, values) pair per layer: head-major, keys
@@ -93,7 +82,7 @@ class CpuGgufBackend(Backend):
             raise ValueError(f"cpu_gguf supports KV blocks of at most 64 tokens, got {spec.block_size}")
         if spec.dtype not in ("float32", "float16"):
             raise ValueError(f"cpu_gguf keeps its KV cache in float32 or float16, not {spec.dtype}")
-        need, avail = spec.bytes_per_block() * spec.num_blocks, _mem_available()
+        need, avail = spec.bytes_per_block() * spec.num_blocks, (host_memory_available() or 2 * 1024**3)
         if need > avail:
             # the pages would only be committed as the cache fills, so this would "work" until a
             # long enough run met the OOM killer; better to say so now

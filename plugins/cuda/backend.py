@@ -15,7 +15,7 @@ import importlib.util
 import logging
 import os
 
-from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec
+from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec, host_memory_available
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,6 @@ def _triton_missing() -> str:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install 'ember[cuda]')"
     return ""
-
-
-def _host_memory_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no MemAvailable in /proc/meminfo")
 
 
 class CudaBackend(Backend):
@@ -226,7 +218,7 @@ class InterpretedCudaBackend(CudaBackend):
     def available_kv_memory(self) -> int | None:
         if self.kv_budget is not None:
             return self.kv_budget
-        return int(_host_memory_available() * self.options.memory_utilization)
+        return int((host_memory_available() or 0) * self.options.memory_utilization)
 
     def memory_stats(self) -> dict[str, int]:
         return {"kv_cache_bytes": self._kv_bytes}

@@ -10,7 +10,7 @@ import importlib.util
 import os
 from typing import ClassVar
 
-from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec
+from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec, host_memory_available
 from ember_tpu.batching import Buckets
 
 GGUF_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
@@ -19,17 +19,6 @@ GGUF_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q
 # JAX commits a pool's zeros at once, unlike numpy's calloc, so all of it would take the host's
 # memory for real; pools up to all of it are still allocated when asked for explicitly.
 HOST_KV_SHARE = 4
-
-
-def _host_mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _libtpu_present() -> bool:
@@ -198,10 +187,10 @@ class JaxCpuBackend(TpuBackend):
         return super().availability()
 
     def _free_bytes(self) -> int | None:
-        return _host_mem_available()
+        return host_memory_available()
 
     def available_kv_memory(self) -> int | None:
-        free = _host_mem_available()
+        free = host_memory_available()
         return None if free is None else free // HOST_KV_SHARE
 
     def memory_stats(self) -> dict[str, int]:

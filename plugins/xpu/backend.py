@@ -15,7 +15,7 @@ import logging
 import os
 from typing import ClassVar
 
-from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec
+from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec, host_memory_available
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,6 @@ def _build_without_xpu() -> str | None:
         return (f"the installed PyTorch {version} is a build without XPU support; install PyTorch's XPU "
                 f"build: {XPU_WHEELS} (see {GET_STARTED})")
     return None
-
-
-def _host_memory_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no MemAvailable in /proc/meminfo")
 
 
 class XpuBackend(Backend):
@@ -251,4 +243,4 @@ class PortableXpuBackend(XpuBackend):
     def available_kv_memory(self) -> int:
         # host memory: the utilization share of what is available now (as the cuda backend's
         # interpreter stand-in)
-        return int(_host_memory_available() * self.options.memory_utilization)
+        return int((host_memory_available() or 0) * self.options.memory_utilization)
