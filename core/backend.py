@@ -37,6 +37,31 @@ def host_memory_available() -> int | None:
     return None
 
 
+def torch_version_info() -> dict[str, str | None]:
+    """The constants of the installed torch's version.py (__version__, cuda, hip, xpu, ...), read
+    without importing torch: a backend's availability check learns that a CPU-only build cannot
+    run it without paying the 1.3 s torch's import costs. Empty when torch is not installed."""
+    import ast
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    try:
+        with open(os.path.join(list(spec.submodule_search_locations)[0], "version.py")) as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError):
+        return {}
+    found = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        value = getattr(node, "value", None)
+        if isinstance(target, ast.Name) and isinstance(value, ast.Constant):
+            found[target.id] = value.value
+    return found
+
+
 @dataclass(frozen=True)
 class Availability:
     ok: bool

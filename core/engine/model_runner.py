@@ -135,17 +135,28 @@ class HostSampling:
 
     def __call__(self, logits: np.ndarray, seqs: list[Sequence], eos_token_ids: set[int]) -> dict[int, SampleResult]:
         """One token for each of seqs, whose logits are the rows of a [len(seqs), vocab] array."""
-        from ember.sampler import SamplingRow
+        rows = sampling_rows(seqs, eos_token_ids, logits.shape[-1], self._generator)
+        return sample_results(seqs, self.sampler(logits, rows))
 
-        rows = [SamplingRow(params=seq.params, prompt_token_ids=seq.prompt_token_ids,
-                            output_token_ids=seq.output_token_ids, generator=self._generator(seq),
-                            eos_token_ids=eos_token_ids) for seq in seqs]
-        structured = [j for j, seq in enumerate(seqs) if seq.matcher is not None]
-        if structured:
-            masks = structured_masks([seqs[j] for j in structured], logits.shape[-1])
-            for k, j in enumerate(structured):
-                rows[j].allowed = masks[k]
-        out = self.sampler(logits, rows)
-        return {seq.seq_id: SampleResult(out.token_ids[j], out.logprobs[j] if out.logprobs else None,
-                                         out.top_logprobs[j] if out.top_logprobs else None)
-                for j, seq in enumerate(seqs)}
+
+def sampling_rows(seqs: list[Sequence], eos_token_ids: set[int], width: int, generator_of) -> list:
+    """Each sequence's SamplingRow, with the generator generator_of(seq) gives it and, for a
+    sequence with a grammar, its allowed-token mask: what both the host and the device sampler take."""
+    from ember.sampler import SamplingRow
+
+    rows = [SamplingRow(params=seq.params, prompt_token_ids=seq.prompt_token_ids,
+                        output_token_ids=seq.output_token_ids, generator=generator_of(seq),
+                        eos_token_ids=eos_token_ids) for seq in seqs]
+    structured = [j for j, seq in enumerate(seqs) if seq.matcher is not None]
+    if structured:
+        masks = structured_masks([seqs[j] for j in structured], width)
+        for k, j in enumerate(structured):
+            rows[j].allowed = masks[k]
+    return rows
+
+
+def sample_results(seqs: list[Sequence], out) -> dict[int, SampleResult]:
+    """A sampler's output (ember.sampler.SamplerOutput), by sequence id."""
+    return {seq.seq_id: SampleResult(out.token_ids[j], out.logprobs[j] if out.logprobs else None,
+                                     out.top_logprobs[j] if out.top_logprobs else None)
+            for j, seq in enumerate(seqs)}

@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from ember.engine.model_runner import SampleResult, structured_masks
+from ember.engine.model_runner import SampleResult, sample_results, sampling_rows
 from ember.engine.sequence import Sequence
 from ember.sampler import SamplerOutput, SamplingRow, _has_penalty, _min_tokens_ban
 
@@ -353,15 +353,5 @@ class DeviceSampling:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
                  eos_token_ids: set[int]) -> dict[int, SampleResult]:
         """One token for each of seqs, whose logits are the rows of a [len(seqs), vocab] tensor."""
-        rows = [SamplingRow(params=seq.params, prompt_token_ids=seq.prompt_token_ids,
-                            output_token_ids=seq.output_token_ids,
-                            generator=self._generator(seq, logits.device), eos_token_ids=eos_token_ids)
-                for seq in seqs]
-        structured = [j for j, seq in enumerate(seqs) if seq.matcher is not None]
-        if structured:
-            masks = structured_masks([seqs[j] for j in structured], logits.shape[-1])
-            for k, j in enumerate(structured):
-                rows[j].allowed = masks[k]
-        out = self.sampler(logits, rows)
-        return {seq.seq_id: SampleResult(out.token_ids[j], out.logprobs[j], out.top_logprobs[j])
-                for j, seq in enumerate(seqs)}
+        rows = sampling_rows(seqs, eos_token_ids, logits.shape[-1], lambda seq: self._generator(seq, logits.device))
+        return sample_results(seqs, self.sampler(logits, rows))

@@ -10,12 +10,11 @@ machines without either, to say why the backend cannot run.
 """
 from __future__ import annotations
 
-import ast
 import importlib.util
 import logging
 import os
 
-from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec, host_memory_available
+from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec, host_memory_available, torch_version_info
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +32,10 @@ def torch_dtype(name: str):
 
 
 def torch_build() -> dict[str, str | None]:
-    """torch's version.py (__version__, cuda, hip), read without importing torch: on a CPU-only
-    build ``ember plugins`` and ``ember run`` learn that no GPU backend can run without paying
-    the 1.3 s torch's import costs."""
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.submodule_search_locations:
-        return {"__version__": None, "cuda": None, "hip": None}
-    path = os.path.join(list(spec.submodule_search_locations)[0], "version.py")
-    found: dict[str, str | None] = {"__version__": None, "cuda": None, "hip": None}
-    try:
-        with open(path) as f:
-            tree = ast.parse(f.read())
-    except (OSError, SyntaxError):
-        return found
-    for node in tree.body:
-        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
-        value = getattr(node, "value", None)
-        if isinstance(target, ast.Name) and target.id in found and isinstance(value, ast.Constant):
-            found[target.id] = value.value
-    return found
+    """torch's version, CUDA and HIP versions, read without importing torch (see
+    ember.backend.torch_version_info)."""
+    info = torch_version_info()
+    return {key: info.get(key) for key in ("__version__", "cuda", "hip")}
 
 
 def _triton_missing() -> str:

@@ -9,13 +9,11 @@ why it cannot run, without paying for torch on machines whose torch has no XPU s
 """
 from __future__ import annotations
 
-import ast
 import importlib.util
 import logging
-import os
 from typing import ClassVar
 
-from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec, host_memory_available
+from ember.backend import Availability, Backend, BackendOptions, KVCacheSpec, host_memory_available, torch_version_info
 
 log = logging.getLogger(__name__)
 
@@ -27,37 +25,16 @@ KV_DTYPES = ("float32", "float16", "bfloat16")
 _MISSING = object()
 
 
-def _torch_build() -> tuple[str | None, object]:
-    """(torch.__version__, torch.version.xpu) read from torch's version.py without importing
-    torch; the second is _MISSING where the file does not say. XPU builds set xpu to their SYCL
-    compiler's version, every other build to None."""
-    version, xpu = None, _MISSING
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.submodule_search_locations:
-        return version, xpu
-    try:
-        with open(os.path.join(list(spec.submodule_search_locations)[0], "version.py")) as f:
-            tree = ast.parse(f.read())
-    except (OSError, SyntaxError):
-        return version, xpu
-    for node in tree.body:
-        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
-        value = getattr(node, "value", None)
-        if isinstance(target, ast.Name) and isinstance(value, ast.Constant):
-            if target.id == "__version__":
-                version = value.value
-            elif target.id == "xpu":
-                xpu = value.value
-    return version, xpu
-
-
 def _build_without_xpu() -> str | None:
     """Why the installed torch has no XPU support, told without importing it (1.3 s that
     ``ember plugins`` should not pay to learn a CPU or CUDA build cannot run this backend), or
     None when only importing it can tell."""
     if importlib.util.find_spec("torch") is None:
         return f"PyTorch is not installed; install its XPU build: {XPU_WHEELS}"
-    version, xpu = _torch_build()
+    info = torch_version_info()
+    # XPU builds set xpu to their SYCL compiler's version, every other build to None; _MISSING:
+    # a version.py that does not say
+    version, xpu = info.get("__version__"), info.get("xpu", _MISSING)
     if version is not None and xpu is None:
         return (f"the installed PyTorch {version} is a build without XPU support; install PyTorch's XPU "
                 f"build: {XPU_WHEELS} (see {GET_STARTED})")
