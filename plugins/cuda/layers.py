@@ -68,6 +68,7 @@ class TritonAttention:
     def __init__(self, tiles: dict | None = None):
         self.decode_workspace = None  # set by the runner while it captures graphs
         self.tiles = tiles or {}  # launch settings over the device's defaults, for both kernels
+        self._configs: dict[tuple, dict] = {}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -77,12 +78,16 @@ class TritonAttention:
 
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         q = q.to(k_cache.dtype)
-        dev, group, head_dim = describe(q.device), q.shape[1] // k_cache.shape[2], q.shape[2]
+        kind = "decode" if meta.decode_only else "prefill"
+        key = (kind, q.device, q.dtype, q.shape[1] // k_cache.shape[2], q.shape[2])
+        config = self._configs.get(key)
+        if config is None:  # once per shape, not once per layer and step
+            make = pa.decode_config if meta.decode_only else pa.prefill_config
+            config = self._configs[key] = {**make(describe(q.device), key[4], key[3], q.dtype),
+                                           **self.tiles.get(kind, {})}
         if meta.decode_only:
-            config = {**pa.decode_config(dev, head_dim, group, q.dtype), **self.tiles.get("decode", {})}
             return pa.decode_attention(q, k_cache, v_cache, meta, scale, config=config,
                                        workspace=self.decode_workspace)
-        config = {**pa.prefill_config(dev, head_dim, group, q.dtype), **self.tiles.get("prefill", {})}
         return pa.prefill_attention(q, k_cache, v_cache, meta, scale, config=config)
 
 
