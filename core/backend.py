@@ -197,8 +197,15 @@ class Backend(ABC):
         [num_blocks, block_size, num_kv_heads, head_dim])."""
 
     def available_kv_memory(self) -> int | None:
-        """Bytes this device can give the KV cache after the weights; None: no limit known."""
+        """Bytes this device can give the KV cache after the weights; None: no limit known. A
+        pool larger than this must be refused (the conformance kit asks for 8x)."""
         return None
+
+    def default_kv_memory(self) -> int | None:
+        """The pool's size when the user names none (no --kv-cache-memory); None: the engine's
+        default. All of available_kv_memory() unless the backend keeps some back, as a host-memory
+        backend does for everything else the machine runs."""
+        return self.available_kv_memory()
 
     def memory_stats(self) -> dict[str, int]:
         return {}

@@ -78,3 +78,18 @@ def test_broken_backend_fails_with_a_readable_report():
     assert "attention differs from the reference" in report and "query lengths [1, 1, 1, 1]" in report
     assert "kv_allocator: allocate_kv_cache returned 2 entries for 3 layers" in report
     assert "linear" not in report.split("checks:")[1]
+
+
+def test_cpu_gguf_offers_the_host_memory_but_defaults_to_a_smaller_pool(monkeypatch):
+    """What a backend can give (available_kv_memory, which the kit holds it to) is not the pool it
+    takes by default (default_kv_memory): on a host with 64 GiB free, cpu_gguf's default stays
+    4 GiB and an 8x request is still refused, not allocated."""
+    import ember_cpu_gguf.backend as cpu
+
+    monkeypatch.setattr(cpu, "host_memory_available", lambda: 64 * 2**30)
+    backend = cpu.CpuGgufBackend()
+    assert backend.available_kv_memory() == 64 * 2**30
+    assert backend.default_kv_memory() == 4 * 2**30
+    assert "refuse 8x" in run_check("kv_allocator", cpu.CpuGgufBackend)
+    monkeypatch.setattr(cpu, "host_memory_available", lambda: 6 * 2**30)
+    assert cpu.CpuGgufBackend().default_kv_memory() == 2 * 2**30  # a third of what is free

@@ -70,7 +70,7 @@ def seeded_generator(seq: Sequence) -> np.random.Generator | None:
 def kv_spec_for(cfg: ModelConfig, cache: CacheConfig, backend: Backend) -> KVCacheSpec:
     probe = KVCacheSpec(cfg.num_layers, 1, cache.block_size, cfg.num_kv_heads, cfg.head_dim,
                         backend.kv_cache_dtype())
-    budget = cache.kv_cache_memory or backend.available_kv_memory() or DEFAULT_KV_BYTES
+    budget = cache.kv_cache_memory or backend.default_kv_memory() or DEFAULT_KV_BYTES
     num_blocks = cache.num_blocks if cache.num_blocks is not None else budget // probe.bytes_per_block()
     if num_blocks < 1:
         raise ValueError(f"the KV-cache budget ({budget} bytes) is smaller than one block "

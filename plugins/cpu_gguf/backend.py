@@ -71,9 +71,13 @@ class CpuGgufBackend(Backend):
         return "float32" if self.options.exact else "float16"
 
     def available_kv_memory(self) -> int:
+        """The host's available memory: allocate_kv_arrays refuses more."""
+        return host_memory_available() or 2 * 1024**3
+
+    def default_kv_memory(self) -> int:
         """A third of the memory free now, at most 4 GiB: pages are only committed as the cache
         fills (see allocate_kv_cache), so a generous pool costs nothing until it is used."""
-        return min(4 * 1024**3, (host_memory_available() or 2 * 1024**3) // 3)
+        return min(4 * 1024**3, self.available_kv_memory() // 3)
 
     def allocate_kv_arrays(self, spec: KVCacheSpec) -> list[tuple[np.ndarray, np.ndarray]]:
         """The paged pool as numpy arrays, one (keys, values) pair per layer: head-major, keys
@@ -82,7 +86,7 @@ class CpuGgufBackend(Backend):
             raise ValueError(f"cpu_gguf supports KV blocks of at most 64 tokens, got {spec.block_size}")
         if spec.dtype not in ("float32", "float16"):
             raise ValueError(f"cpu_gguf keeps its KV cache in float32 or float16, not {spec.dtype}")
-        need, avail = spec.bytes_per_block() * spec.num_blocks, (host_memory_available() or 2 * 1024**3)
+        need, avail = spec.bytes_per_block() * spec.num_blocks, self.available_kv_memory()
         if need > avail:
             # the pages would only be committed as the cache fills, so this would "work" until a
             # long enough run met the OOM killer; better to say so now

@@ -190,7 +190,10 @@ class JaxCpuBackend(TpuBackend):
         return host_memory_available()
 
     def available_kv_memory(self) -> int | None:
-        free = host_memory_available()
+        return host_memory_available()
+
+    def default_kv_memory(self) -> int | None:
+        free = self.available_kv_memory()
         return None if free is None else free // HOST_KV_SHARE
 
     def memory_stats(self) -> dict[str, int]:
