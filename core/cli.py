@@ -31,6 +31,17 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _length(s: str) -> int | tuple[int, int]:
+    """A token count, or MIN:MAX for lengths drawn uniformly per request."""
+    lo, sep, hi = s.partition(":")
+    if not sep:
+        return _positive_int(s)
+    a, b = _positive_int(lo), _positive_int(hi)
+    if a > b:
+        raise argparse.ArgumentTypeError(f"MIN must not exceed MAX: {s!r}")
+    return (a, b)
+
+
 def _fraction(s: str) -> float:
     try:
         v = float(s)
@@ -67,8 +78,11 @@ def _make_llm(args, model_path):
 
 def _ensure_model(name: str):
     """A stored model, a file path, or a catalogue name pulled on first use (like ``ollama run``)."""
+    from ember.dummy import is_dummy
     from ember.store import ModelNotFound, ModelStore
 
+    if is_dummy(name):  # random weights at a named shape: nothing to fetch
+        return name
     store = ModelStore()
     try:
         return store.resolve(name)
@@ -335,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = bsub.add_parser("throughput", help="offline throughput: N sequences of random prompts")
     p.add_argument("--model", required=True)
     p.add_argument("--num-seqs", type=_positive_int, default=64)
-    p.add_argument("--input-len", type=_positive_int, default=128)
-    p.add_argument("--output-len", type=_positive_int, default=128)
+    p.add_argument("--input-len", type=_length, default=128, help="N, or MIN:MAX drawn per request")
+    p.add_argument("--output-len", type=_length, default=128, help="N, or MIN:MAX drawn per request")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     _engine_args(p)

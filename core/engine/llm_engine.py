@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from ember.backend import BackendOptions
 from ember.config import EngineConfig
+from ember.dummy import is_dummy, load_dummy
 from ember.engine.block_manager import BlockManager
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import FinishReason, Sequence
@@ -66,9 +67,12 @@ class LLMEngine:
 
         t0 = time.perf_counter()
         self.config = config
-        path = ModelStore().resolve(config.model)
-        self.model_path = path
-        self.gguf, cfg, self.tokenizer, weights = load_model_file(path)
+        if is_dummy(config.model):  # a shape and random weights: no file behind it
+            self.model_path, self.gguf = None, None
+            cfg, self.tokenizer, weights = load_dummy(config.model, seed=config.seed)
+        else:
+            self.model_path = ModelStore().resolve(config.model)
+            self.gguf, cfg, self.tokenizer, weights = load_model_file(self.model_path)
         info = (registry or get_registry()).select(config.device)
         self.backend_info = info
         self.backend = info.cls(BackendOptions(threads=config.threads, exact=config.exact, dtype=config.dtype,
@@ -86,8 +90,8 @@ class LLMEngine:
         # the runner only needs positions up to the context this engine serves
         self.model_config = replace(cfg, context_length=self.max_model_len)
         self.runner = self.backend.create_model_runner(self.model_config, weights, config.cache)
-        # the backend holds what it needs now; the file's pages need not stay resident
-        self.gguf.release_pages()
+        if self.gguf is not None:  # the backend holds what it needs now; the file's pages need not stay resident
+            self.gguf.release_pages()
         self.runner.eos_token_ids = set(self.tokenizer.stop_token_ids)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)

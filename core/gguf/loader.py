@@ -199,6 +199,23 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def hf_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight a model of this config has, by the HF-style name load_gguf_weights gives it
+    (experts one by one), with its torch-order shape: what a checkpoint-free load must make."""
+    out = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+           "model.norm.weight": (cfg.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    for i in range(cfg.num_layers):
+        for suffix, shape in _expected_shapes(cfg).items():
+            if suffix in _EXPERT_NAMES:
+                for j in range(shape[0]):
+                    out[f"model.layers.{i}.mlp.experts.{j}.{_EXPERT_NAMES[suffix]}.weight"] = shape[1:]
+            else:
+                out[f"model.layers.{i}.{_LAYER_NAMES[suffix]}"] = shape
+    return out
+
+
 def _rows(gf: GGUFFile, name: str) -> np.ndarray:
     """The tensor's bytes as [rows, row_nbytes] (1-D: [1, nbytes])."""
     t = gf.tensors[name]

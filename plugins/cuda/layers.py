@@ -32,6 +32,9 @@ def upload(weight, device: str | torch.device, dtype: torch.dtype) -> torch.Tens
     if name in _FLOAT_TYPES:
         host = _host_tensor(np.ascontiguousarray(weight.data).view(_FLOAT_TYPES[name]).reshape(weight.shape))
         return host.to(device=device, dtype=dtype)
+    if name == "BF16":  # numpy has no bfloat16: carry the bits as int16
+        host = _host_tensor(np.ascontiguousarray(weight.data).view(np.int16).reshape(weight.shape))
+        return host.view(torch.bfloat16).to(device=device, dtype=dtype)
     if weight.qtype in KERNELS:
         from ember_cuda.kernels.dequant import dequantize
 
