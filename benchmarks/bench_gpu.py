@@ -27,10 +27,11 @@ import sys
 import time
 from dataclasses import asdict
 
-# Data-sheet memory bandwidth, bytes/s, by a substring of torch.cuda.get_device_name().
+# Data-sheet memory bandwidth, bytes/s, by a substring of torch.cuda.get_device_name(); the first
+# match wins, so the more specific names come first.
 HBM_BANDWIDTH = [
-    ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12),
-    ("H20", 4.0e12), ("GH200", 4.0e12), ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12),
+    ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("GH200", 4.0e12), ("H200", 4.8e12),
+    ("H20", 4.0e12), ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12),
     ("A100", 1.555e12), ("L40S", 0.864e12), ("L4", 0.3e12), ("MI300X", 5.3e12), ("MI250", 3.2e12),
 ]
 

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():  # before triton is imported (test_cuda_kernel
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ember.bench import decode_bytes, random_requests, throughput
-from ember.dummy import (PRESETS, DummyModelError, DummySpec, config_from_hf, dummy_tokenizer, dummy_weights,
+from ember.dummy import (PRESETS, DummyModelError, config_from_hf, dummy_tokenizer, dummy_weights,
                          load_dummy)
 from ember.gguf.loader import hf_weight_shapes
 from ember.llm import LLM
