@@ -27,6 +27,9 @@ import sys
 import time
 from dataclasses import asdict
 
+from ember.bench import decode_bytes, parse_length, random_requests, throughput
+from ember.dummy import DummySpec, is_dummy
+
 # Data-sheet memory bandwidth, bytes/s, by a substring of torch.cuda.get_device_name(); the first
 # match wins, so the more specific names come first.
 HBM_BANDWIDTH = [
@@ -72,7 +75,6 @@ def _free(device: str) -> None:
 # ------------------------------------------------------------------------------------- ember
 
 def bench_ember(args):
-    from ember.bench import throughput
     from ember.llm import LLM
 
     t = time.perf_counter()
@@ -141,7 +143,6 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, device: str) -
 
 def bench_hf(args, cfg, device: str, vocab: int, special: set[int]) -> dict:
     import torch
-    from ember.bench import random_requests
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,11 +174,6 @@ def bench_hf(args, cfg, device: str, vocab: int, special: set[int]) -> dict:
 
 # ---------------------------------------------------------------------------------- report
 
-def _length(s: str):
-    lo, sep, hi = s.partition(":")
-    return (int(lo), int(hi)) if sep else int(s)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="dummy:llama3-8b", help="a dummy: shape (or any model ember loads)")
@@ -192,8 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--single-input", type=int, default=128)
     p.add_argument("--single-output", type=int, default=256)
     p.add_argument("--num-seqs", type=int, default=256, help="0: single stream only")
-    p.add_argument("--input-len", type=_length, default=(100, 1024))
-    p.add_argument("--output-len", type=_length, default=(100, 1024))
+    p.add_argument("--input-len", type=parse_length, default=(100, 1024))
+    p.add_argument("--output-len", type=parse_length, default=(100, 1024))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--skip-hf", action="store_true")
@@ -202,12 +198,12 @@ def main(argv=None) -> int:
 
     ember, cfg, device, tokenizer = bench_ember(args)
     import torch
-    from ember.bench import decode_bytes
 
     name = torch.cuda.get_device_name() if str(device).startswith("cuda") else _cpu_name()
     spec = next((bw for key, bw in HBM_BANDWIDTH if key in name), None) if str(device).startswith("cuda") else None
     measured = measured_read_bandwidth(device)
-    itemsize = {"BF16": 2, "F16": 2, "F32": 4}.get(_weight_type(args.model), 2)
+    # dummy weights are read in their own dtype; a GGUF file's, dequantized at load, in bfloat16
+    itemsize = 4 if is_dummy(args.model) and DummySpec.parse(args.model).dtype == "float32" else 2
     kv_itemsize = {"float32": 4}.get(ember["kv_dtype"], 2)
     context = args.single_input + args.single_output // 2  # the mean context over the decode
     step_bytes = decode_bytes(cfg, itemsize, kv_itemsize, context)
@@ -245,12 +241,6 @@ def _cpu_name() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or "cpu"
-
-
-def _weight_type(model: str) -> str:
-    if model.startswith("dummy:"):
-        return {"float16": "F16", "float32": "F32"}.get(model.partition("dtype=")[2], "BF16")
-    return "BF16"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,20 @@ import time
 from ember.sampling_params import SamplingParams
 
 
+def parse_length(s: str) -> int | tuple[int, int]:
+    """A token count ("128"), or "MIN:MAX" for lengths drawn uniformly per request."""
+    lo, sep, hi = s.partition(":")
+    try:
+        values = [int(v) for v in ((lo, hi) if sep else (s,))]
+    except ValueError:
+        raise ValueError(f"not a length (N or MIN:MAX): {s!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"lengths must be at least 1: {s!r}")
+    if sep and values[0] > values[1]:
+        raise ValueError(f"MIN must not exceed MAX: {s!r}")
+    return tuple(values) if sep else values[0]
+
+
 def random_requests(vocab: int, special: set[int], num_seqs: int, input_len, output_len,
                     seed: int = 0) -> list[tuple[list[int], int]]:
     """(prompt token ids, tokens to generate) for each request: random tokens, so no two prompts

@@ -32,14 +32,12 @@ def _positive_int(s: str) -> int:
 
 
 def _length(s: str) -> int | tuple[int, int]:
-    """A token count, or MIN:MAX for lengths drawn uniformly per request."""
-    lo, sep, hi = s.partition(":")
-    if not sep:
-        return _positive_int(s)
-    a, b = _positive_int(lo), _positive_int(hi)
-    if a > b:
-        raise argparse.ArgumentTypeError(f"MIN must not exceed MAX: {s!r}")
-    return (a, b)
+    from ember.bench import parse_length
+
+    try:
+        return parse_length(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _fraction(s: str) -> float:

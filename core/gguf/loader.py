@@ -199,20 +199,31 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _layout(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """GGUF name -> (HF-style name, torch-order shape) of every tensor this config needs; a 3-D
+    expert tensor's HF name is the prefix its experts' names extend (see _split_experts)."""
+    layout = {"token_embd.weight": ("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)),
+              "output_norm.weight": ("model.norm.weight", (cfg.hidden_size,))}
+    if not cfg.tie_word_embeddings:
+        layout["output.weight"] = ("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+    for i in range(cfg.num_layers):
+        for suffix, shape in _expected_shapes(cfg).items():
+            hf = "mlp.experts" if suffix in _EXPERT_NAMES else _LAYER_NAMES[suffix]
+            layout[f"blk.{i}.{suffix}"] = (f"model.layers.{i}.{hf}", shape)
+    return layout
+
+
 def hf_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every weight a model of this config has, by the HF-style name load_gguf_weights gives it
     (experts one by one), with its torch-order shape: what a checkpoint-free load must make."""
-    out = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
-           "model.norm.weight": (cfg.hidden_size,)}
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-    for i in range(cfg.num_layers):
-        for suffix, shape in _expected_shapes(cfg).items():
-            if suffix in _EXPERT_NAMES:
-                for j in range(shape[0]):
-                    out[f"model.layers.{i}.mlp.experts.{j}.{_EXPERT_NAMES[suffix]}.weight"] = shape[1:]
-            else:
-                out[f"model.layers.{i}.{_LAYER_NAMES[suffix]}"] = shape
+    out = {}
+    for gname, (name, shape) in _layout(cfg).items():
+        suffix = gname.split(".", 2)[-1]
+        if suffix in _EXPERT_NAMES:
+            for j in range(shape[0]):
+                out[f"{name}.{j}.{_EXPERT_NAMES[suffix]}.weight"] = shape[1:]
+        else:
+            out[name] = shape
     return out
 
 
@@ -247,18 +258,9 @@ def _unpermuted(gf: GGUFFile, name: str, n_head: int) -> np.ndarray:
 
 def load_gguf_weights(gf: GGUFFile, cfg: ModelConfig) -> dict[str, QuantWeight]:
     """Map the file's tensors to HF-style names; weights stay quantized (see QuantWeight)."""
-    shapes = {"token_embd.weight": (cfg.vocab_size, cfg.hidden_size),
-              "output_norm.weight": (cfg.hidden_size,)}
-    names = {"token_embd.weight": "model.embed_tokens.weight",
-             "output_norm.weight": "model.norm.weight"}
-    if not cfg.tie_word_embeddings:
-        shapes["output.weight"] = shapes["token_embd.weight"]
-        names["output.weight"] = "lm_head.weight"
-    for i in range(cfg.num_layers):
-        for suffix, shape in _expected_shapes(cfg).items():
-            shapes[f"blk.{i}.{suffix}"] = shape
-            hf = "mlp.experts" if suffix in _EXPERT_NAMES else _LAYER_NAMES[suffix]
-            names[f"blk.{i}.{suffix}"] = f"model.layers.{i}.{hf}"
+    layout = _layout(cfg)
+    shapes = {g: shape for g, (_, shape) in layout.items()}
+    names = {g: name for g, (name, _) in layout.items()}
 
     missing = [n for n in shapes if n not in gf.tensors]
     if missing:

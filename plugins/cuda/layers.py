@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from ember.backend import AttentionMetadata
 from ember.ops.layer_ops import LayerOps
 
-_FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
+# GGUF float types: how numpy holds the bits (it has no bfloat16, so those travel as int16) and
+# the torch dtype they are
+_FLOAT_TYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
+                "BF16": (np.int16, torch.bfloat16)}
 
 
 def _host_tensor(array: np.ndarray) -> torch.Tensor:
@@ -30,11 +33,9 @@ def upload(weight, device: str | torch.device, dtype: torch.dtype) -> torch.Tens
 
     name = weight.qtype.name
     if name in _FLOAT_TYPES:
-        host = _host_tensor(np.ascontiguousarray(weight.data).view(_FLOAT_TYPES[name]).reshape(weight.shape))
-        return host.to(device=device, dtype=dtype)
-    if name == "BF16":  # numpy has no bfloat16: carry the bits as int16
-        host = _host_tensor(np.ascontiguousarray(weight.data).view(np.int16).reshape(weight.shape))
-        return host.view(torch.bfloat16).to(device=device, dtype=dtype)
+        bits, as_type = _FLOAT_TYPES[name]
+        host = _host_tensor(np.ascontiguousarray(weight.data).view(bits).reshape(weight.shape))
+        return host.view(as_type).to(device=device, dtype=dtype)
     if weight.qtype in KERNELS:
         from ember_cuda.kernels.dequant import dequantize
 
