@@ -181,6 +181,12 @@ class Backend(ABC):
     def availability(cls) -> Availability:
         """Whether this backend can run here; when not, a reason a person can act on."""
 
+    @classmethod
+    def details(cls) -> str:
+        """Optional: what this backend will run here and why (its kernels' instruction set, the
+        device it found), for `ember plugins --verbose`. Cheap: no model, no device allocation."""
+        return ""
+
     def compute_dtype(self) -> str:
         """The dtype activations (and float weights) are held in."""
         return self.options.dtype or self.dtypes[0]

