@@ -6,10 +6,11 @@ q/k un-permutation) or slicing them (one expert out of a 3-D tensor) never touch
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -38,6 +39,9 @@ class QuantWeight:
     shape: tuple[int, ...]  # torch order
     data: np.ndarray  # uint8 [rows, row_nbytes]; 1-D tensors as [1, nbytes]
     gguf_name: str = ""
+    # Lets the file's pages under this tensor go from the resident set once a backend holds its own
+    # copy (repacked or dequantized), so a load peaks at one copy of the weights; None: nothing to do.
+    release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def dequantize(self) -> "torch.Tensor":
         return quants.dequantize(self.data, self.qtype, self.shape)
@@ -291,7 +295,8 @@ def load_gguf_weights(gf: GGUFFile, cfg: ModelConfig) -> dict[str, QuantWeight]:
             data = _unpermuted(gf, gname, cfg.num_kv_heads)
         else:
             data = _rows(gf, gname)
-        out[names[gname]] = QuantWeight(names[gname], t.qtype, t.shape, data, gname)
+        out[names[gname]] = QuantWeight(names[gname], t.qtype, t.shape, data, gname,
+                                        functools.partial(gf.release_view, gf.raw(gname)))
     return out
 
 
@@ -303,5 +308,5 @@ def _split_experts(gf: GGUFFile, gname: str, prefix: str, suffix: str,
     rows = _rows(gf, gname)
     for j in range(n_experts):
         name = f"{prefix}.{j}.{_EXPERT_NAMES[suffix]}.weight"
-        out[name] = QuantWeight(name, t.qtype, t.shape[1:],
-                                rows[j * per_expert:(j + 1) * per_expert], gname)
+        part = rows[j * per_expert:(j + 1) * per_expert]
+        out[name] = QuantWeight(name, t.qtype, t.shape[1:], part, gname, functools.partial(gf.release_view, part))

@@ -290,6 +290,19 @@ class GGUFFile:
         t = self.tensors[name]
         return self._buf[t.offset:t.offset + t.nbytes]
 
+    def release_view(self, view: np.ndarray) -> None:
+        """release_pages for one tensor's bytes (a `raw()` view) as soon as the backend has its own
+        copy: the load's peak then holds one copy of the weights, not the file and the copy. Only
+        the whole pages inside the view go; its neighbours' bytes are untouched."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED") or view.size == 0:
+            return
+        start = view.ctypes.data - self._buf.ctypes.data
+        if not 0 <= start <= len(self._mm) - view.nbytes:
+            return  # not a view of this file
+        first, end = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > first:
+            self._mm.madvise(mmap.MADV_DONTNEED, first, end - first)
+
     def release_pages(self) -> None:
         """Let the mapped pages go from this process's resident set once the backend has its own
         copy of the weights (repacked or dequantized). The mapping stays valid: a later read (an

@@ -1,9 +1,9 @@
 """The CPU backend: KV pool in host memory, paged attention over a head-major block pool, GGUF linear layers."""
 from __future__ import annotations
 
-import os
-
 import logging
+import mmap
+import os
 
 import numpy as np
 
@@ -32,6 +32,19 @@ def physical_cores() -> int:
     except (OSError, IndexError):
         pass
     return max(1, avail)
+
+
+def _lazy_zeros(shape, dtype) -> np.ndarray:
+    """Zeros whose pages the OS commits only when first written, 4 KiB at a time. Zeros matter:
+    padded attention reads unused slots and multiplies them by 0, and 0 * NaN is NaN. Not numpy's
+    zeros: numpy asks for transparent huge pages on large arrays, and the pool is head-major, so a
+    short sequence's few slots in each head would commit 2 MiB apiece (650 MB for one short chat
+    with SmolLM2, measured)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 class CpuGgufBackend(Backend):
@@ -98,10 +111,8 @@ class CpuGgufBackend(Backend):
                               f"of memory available; lower --kv-cache-memory")
         kshape = (spec.num_kv_heads, spec.num_blocks, spec.head_dim, spec.block_size)
         vshape = (spec.num_kv_heads, spec.num_blocks, spec.block_size, spec.head_dim)
-        # numpy's zeros is calloc: zeroed pages the OS commits only when first written. Zeros
-        # matter: padded attention reads unused slots and multiplies them by 0, and 0 * NaN is NaN.
         dt = np.dtype(spec.dtype)
-        arrays = [(np.zeros(kshape, dtype=dt), np.zeros(vshape, dtype=dt)) for _ in range(spec.num_layers)]
+        arrays = [(_lazy_zeros(kshape, dt), _lazy_zeros(vshape, dt)) for _ in range(spec.num_layers)]
         self._kv_bytes = spec.bytes_per_block() * spec.num_blocks
         return arrays
 

@@ -39,6 +39,8 @@ class PackedLinear:
             if rc != 0:
                 raise ValueError(f"{w.name}: cannot repack {w.qtype.name} weights (code {rc})")
             self.buffers.append(buf)
+            if getattr(w, "release", None) is not None:
+                w.release()  # the panels are our copy: the file's pages can leave the resident set
         self.bias = None
         if biases and any(b is not None for b in biases):
             self.bias = np.concatenate([dequantize_np(b).reshape(-1) if b is not None
