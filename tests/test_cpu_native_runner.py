@@ -88,6 +88,34 @@ def test_native_runner_matches_torch_runner(smollm2_gguf, monkeypatch):
     np.testing.assert_array_equal(got_logits, want_logits)
 
 
+@pytest.mark.slow
+def test_every_isa_gives_the_same_logits_and_tokens(smollm2_gguf, monkeypatch):
+    """The kernels' bit-for-bit agreement across ISA builds, end to end: the whole model on each
+    path this CPU runs (the scalar one included) gives the same prompt logits and greedy tokens."""
+    runnable = [v for v in native.VARIANTS if native.runnable(v)[0]]
+    if len(runnable) < 2:
+        pytest.skip("this CPU runs only one ISA build")
+    results = {}
+    try:
+        for variant in runnable:
+            monkeypatch.setenv("EMBER_MAX_CPU_ISA", variant)
+            native.reset()
+            assert native.selected()[0] == variant
+            llm = _llm(smollm2_gguf, threads=2)
+            prompt = llm.tokenizer.encode("The capital of France is")
+            logits = np.asarray(llm.prompt_logits(prompt))
+            tokens = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=3))[0].outputs[0].token_ids
+            results[variant] = (logits, tokens)
+            del llm
+    finally:
+        monkeypatch.delenv("EMBER_MAX_CPU_ISA")
+        native.reset()
+    first = runnable[0]
+    for variant in runnable[1:]:
+        np.testing.assert_array_equal(results[variant][0], results[first][0], err_msg=f"{variant} vs {first}")
+        assert results[variant][1] == results[first][1]
+
+
 def test_cli_run_never_imports_torch(smollm2_gguf):
     """`ember run` on the native runner: the first token no longer waits for `import torch`."""
     code = (

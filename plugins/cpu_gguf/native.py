@@ -292,6 +292,14 @@ def llama_forward(variant: str | None = None) -> ctypes.CDLL | None:
     return lib
 
 
+def reset() -> None:
+    """Forget every choice and library loaded, so the next call follows EMBER_MAX_CPU_ISA and
+    EMBER_NO_NATIVE again (for tests that run one model on several ISAs)."""
+    for fn in (cpu_features, selected, load, paged_decode, write_kv, paged_prefill, layer_ops, quant_matmul,
+               llama_forward):
+        fn.cache_clear()
+
+
 def address(fn) -> int:
     """A ctypes function's entry point, to hand to C code that calls it directly."""
     return ctypes.cast(fn, ctypes.c_void_p).value

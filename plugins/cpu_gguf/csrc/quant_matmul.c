@@ -22,6 +22,7 @@
  *                and kernel allow;
  *   AVX2:        vpmaddubsw pairs summed exactly in 16 bits, then vpmaddwd into 32 (llama.cpp's and
  *                oneDNN's int8 dot on AVX2), each 16-row panel as two 8-row halves;
+ *   NEON:        sdot (ARMv8.2 dot product), each panel as four 4-row quarters;
  *   elsewhere:   a portable scalar loop.
  */
 #define _GNU_SOURCE /* syscall() for arch_prctl */
@@ -44,6 +45,12 @@
 #else
 #define EMBER_AVX2 0
 #endif
+#if defined(__aarch64__) && defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#define EMBER_NEON 1
+#else
+#define EMBER_NEON 0
+#endif
 
 /* GGML type ids (gguf.GGMLQuantizationType) */
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
@@ -58,9 +65,11 @@ static int block_bytes(int t) {
 static int block_values(int t) { return t >= T_Q4_K ? 256 : 32; }
 
 int ember_qmm_supported(int t) { return block_bytes(t) > 0; }
-int ember_qmm_vectorized(void) { return EMBER_VNNI || EMBER_AVX2; }
-/* the inner loop this build runs: "avx512-vnni", "avx2" or "scalar" */
-const char *ember_qmm_path(void) { return EMBER_VNNI ? "avx512-vnni" : EMBER_AVX2 ? "avx2" : "scalar"; }
+int ember_qmm_vectorized(void) { return EMBER_VNNI || EMBER_AVX2 || EMBER_NEON; }
+/* the inner loop this build runs: "avx512-vnni", "avx2", "neon" or "scalar" */
+const char *ember_qmm_path(void) {
+    return EMBER_VNNI ? "avx512-vnni" : EMBER_AVX2 ? "avx2" : EMBER_NEON ? "neon" : "scalar";
+}
 
 static int amx_enabled = 1; /* the tests turn it off to compare the paths */
 void ember_qmm_set_amx(int on) { amx_enabled = on; }
@@ -349,6 +358,37 @@ static void quantize_row(const float *x, const Acts *a, int64_t r) {
             store8_epi8(hi + 32 * b + 8 * q, hq);
             store8_epi8(lo + 32 * b + 8 * q, lq);
             s[q / 2] += hsum8_epi32(_mm256_add_epi32(_mm256_slli_epi32(hq, 8), lq));
+        }
+        block_scales(amax, s, a, r, b);
+    }
+}
+#elif EMBER_NEON
+/* 4 int32 lanes (integral values within int8) to 4 bytes, in order */
+static inline void store4_s8(int8_t *dst, int32x4_t v) {
+    const int8x8_t b = vmovn_s16(vcombine_s16(vmovn_s32(v), vmovn_s32(v)));
+    vst1_lane_s32((int32_t *)(void *)dst, vreinterpret_s32_s8(b), 0);
+}
+
+/* The scalar loop's operations, 4 lanes at a time (vrndnq rounds to nearest even, as nearbyintf) */
+static void quantize_row(const float *x, const Acts *a, int64_t r) {
+    int8_t *hi = a->hi + r * a->k, *lo = a->lo + r * a->k;
+    for (int64_t b = 0; b < a->k / 32; b++) {
+        float32x4_t xv[8], mx = vdupq_n_f32(0.f);
+        for (int q = 0; q < 8; q++) {
+            xv[q] = vld1q_f32(x + 32 * b + 4 * q);
+            mx = vmaxq_f32(mx, vabsq_f32(xv[q]));
+        }
+        const float amax = vmaxvq_f32(mx);
+        const float32x4_t inv = vdupq_n_f32(amax > 0.f ? 127.f / amax : 0.f);
+        int s[2] = {0, 0};
+        for (int q = 0; q < 8; q++) {
+            const float32x4_t v = vmulq_f32(xv[q], inv), h = vrndnq_f32(v);
+            float32x4_t l = vrndnq_f32(vmulq_f32(vsubq_f32(v, h), vdupq_n_f32(256.f)));
+            l = vminq_f32(vmaxq_f32(l, vdupq_n_f32(-127.f)), vdupq_n_f32(127.f));
+            const int32x4_t hq = vcvtq_s32_f32(h), lq = vcvtq_s32_f32(l);
+            store4_s8(hi + 32 * b + 4 * q, hq);
+            store4_s8(lo + 32 * b + 4 * q, lq);
+            s[q / 4] += vaddvq_s32(vaddq_s32(vshlq_n_s32(hq, 8), lq));
         }
         block_scales(amax, s, a, r, b);
     }
@@ -654,6 +694,90 @@ static inline __attribute__((always_inline)) void panel_t(const int bits, const 
     /* the second half finds the panel's weights in cache: the first streamed them */
     half_t(bits, group, f16, wide, mr, w, ng, a, m0, out, 0, m0 == 0);
     half_t(bits, group, f16, wide, mr, w, ng, a, m0, out, 1, 0);
+}
+
+#define PANEL_MR(B, G, H, W) \
+    switch (mr) { \
+    case 1: panel_t(B, G, H, W, 1, w, ng, a, m0, out); break; \
+    case 2: panel_t(B, G, H, W, 2, w, ng, a, m0, out); break; \
+    case 3: panel_t(B, G, H, W, 3, w, ng, a, m0, out); break; \
+    default: panel_t(B, G, H, W, 4, w, ng, a, m0, out); break; \
+    }
+
+static void panel(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0, int mr, float out[][16]) {
+    if (f.bits == 4 && f.f16) PANEL_MR(4, 32, 1, 0)
+    else if (f.bits == 4) PANEL_MR(4, 32, 0, 0)
+    else if (f.wide) PANEL_MR(8, 32, 1, 1)
+    else if (f.group == 32 && f.f16) PANEL_MR(8, 32, 1, 0)
+    else if (f.group == 32) PANEL_MR(8, 32, 0, 0)
+    else PANEL_MR(8, 16, 0, 0)
+}
+#elif EMBER_NEON
+/* 4 scales (rows 4q .. 4q+3 of the panel) */
+static inline float32x4_t load_scales4(const uint8_t *p, int f16, int q) {
+    return f16 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)(const void *)p + 4 * q)))
+               : vld1q_f32((const float *)(const void *)p + 4 * q);
+}
+
+/* Quarter q of one panel (output rows 4q .. 4q+3) against activation rows m0 .. m0+mr-1: the VNNI
+ * path's integer dot per (row, group), then its two FMAs, lane for lane. sdot multiplies signed
+ * bytes: weights up to 127 (4-bit, Q5_*, Q6_K) are taken as they are; Q8_0's (u = q + 128) as
+ * q = u - 128, and u . a = q . a + 128 * sum(a) restores the unsigned dot exactly. */
+static inline __attribute__((always_inline)) void quarter_t(const int bits, const int group, const int f16,
+                                                             const int wide, const int mr, const uint8_t *w,
+                                                             int64_t ng, const Acts *a, int64_t m0, float out[][16],
+                                                             const int q, const int first) {
+    const int64_t gb = 16 * group * bits / 8 + 2 * 16 * (f16 ? 2 : 4), k = a->k;
+    const int sb = 16 * (f16 ? 2 : 4), nv = bits == 4 ? 8 : group / 4;
+    float32x4_t acc[MR];
+    for (int r = 0; r < mr; r++) acc[r] = vdupq_n_f32(0.f);
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *blk = w + g * gb;
+        if (first)
+            for (int64_t off = 0; off < gb; off += 64) __builtin_prefetch(blk + PF_BYTES + off);
+        int8x16_t v[8]; /* v[j]: this quarter's 4 rows, values 4j .. 4j+3 of each */
+        if (bits == 4) {
+            for (int j = 0; j < 4; j++) {
+                const uint8x16_t t = vld1q_u8(blk + 64 * j + 16 * q);
+                v[j] = vreinterpretq_s8_u8(vandq_u8(t, vdupq_n_u8(0x0F)));
+                v[j + 4] = vreinterpretq_s8_u8(vshrq_n_u8(t, 4));
+            }
+        } else {
+            for (int j = 0; j < nv; j++) {
+                uint8x16_t t = vld1q_u8(blk + 64 * j + 16 * q);
+                if (wide) t = veorq_u8(t, vdupq_n_u8(0x80));
+                v[j] = vreinterpretq_s8_u8(t);
+            }
+        }
+        const uint8_t *sc = blk + 16 * group * bits / 8;
+        const float32x4_t s = load_scales4(sc, f16, q), mn = load_scales4(sc + sb, f16, q);
+        for (int r = 0; r < mr; r++) {
+            const int64_t row = m0 + r, e = g * group;
+            const int8_t *qh = a->hi + row * k + e, *ql = a->lo + row * k + e;
+            int32x4_t dh = vdupq_n_s32(0), dl = dh;
+            for (int j = 0; j < nv; j++) {
+                int32_t h4, l4;
+                memcpy(&h4, qh + 4 * j, 4);
+                memcpy(&l4, ql + 4 * j, 4);
+                dh = vdotq_s32(dh, v[j], vreinterpretq_s8_s32(vdupq_n_s32(h4)));
+                dl = vdotq_s32(dl, v[j], vreinterpretq_s8_s32(vdupq_n_s32(l4)));
+            }
+            /* 256 * (u . hi) + u . lo, exact: |u . hi| < 2^21 */
+            int32x4_t dot = vaddq_s32(vshlq_n_s32(dh, 8), dl);
+            if (wide) dot = vaddq_s32(dot, vdupq_n_s32(128 * a->is32[row * (k / 32) + e / 32]));
+            const float dx = a->d[row * (k / 32) + e / 32];
+            const float sx = group == 16 ? a->sx16[row * (k / 16) + g] : a->sx32[row * (k / 32) + g];
+            acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(dot), vmulq_f32(s, vdupq_n_f32(dx)));
+            acc[r] = vfmaq_f32(acc[r], mn, vdupq_n_f32(sx));
+        }
+    }
+    for (int r = 0; r < mr; r++) vst1q_f32(out[r] + 4 * q, acc[r]);
+}
+
+static inline __attribute__((always_inline)) void panel_t(const int bits, const int group, const int f16,
+                                                           const int wide, const int mr, const uint8_t *w,
+                                                           int64_t ng, const Acts *a, int64_t m0, float out[][16]) {
+    for (int q = 0; q < 4; q++) quarter_t(bits, group, f16, wide, mr, w, ng, a, m0, out, q, q == 0 && m0 == 0);
 }
 
 #define PANEL_MR(B, G, H, W) \
