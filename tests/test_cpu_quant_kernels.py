@@ -224,6 +224,17 @@ def test_each_build_runs_the_path_it_was_built_for():
             assert not kernels().amx
 
 
+@pytest.mark.parametrize("qtype", LEGACY + K_QUANTS, ids=lambda q: q.name)
+def test_repacked_weights_are_the_files_size(qtype):
+    """Every type stays at its own size in memory (a 5- or 6-bit type is not widened to 8 bits):
+    what decode streams per token is what the file holds."""
+    ks = kernels()
+    per, nbytes = GGML_QUANT_SIZES[qtype]
+    for rows, cols in [(48, 512), (3072, 576 if qtype in LEGACY else 768)]:
+        assert ks.repacked_size(int(qtype), rows, cols) == rows * cols // per * nbytes
+    assert ks.repacked_size(int(qtype), 40, 512) == 48 * 512 // per * nbytes  # padded to whole panels
+
+
 RUNNABLE = [v for v in native.VARIANTS if native.runnable(v)[0]]
 
 

@@ -1,13 +1,15 @@
 /* Quantized linear layers: y = x @ W.T with W kept in 4 or 8 bits and x quantized per row.
  *
- * Weights are repacked once, at load, from their GGUF blocks into panels of 16 output rows. Every
- * supported type is, exactly, w = s * u + m per group of 32 values (16 for Q6_K): u an unsigned
- * 4-bit (Q4_0, Q4_1, Q4_K) or 8-bit (Q5_0, Q5_1, Q8_0, Q5_K, Q6_K) integer, s and m floats (a zero
- * point z becomes m = -z * s). Within a panel, a group's integers are interleaved so that one
- * 64-byte vector holds 4 consecutive values of each of the 16 rows: vpdpbusd (u8 x s8 -> s32)
- * against 4 broadcast activation bytes advances all 16 rows at once, and the group's scales are
- * applied once per group to 16 rows. Scales stay float16 where the file has float16 (exact), float32
- * for the K-quants' products of two scales.
+ * Weights are repacked once, at load, from their GGUF blocks into panels of 16 output rows, at
+ * exactly the file's size. Every supported type is, exactly, w = s * u + m per group of 32 values
+ * (16 for Q6_K): u an unsigned 4-bit (Q4_0, Q4_1, Q4_K), 5-bit (Q5_0, Q5_1, Q5_K), 6-bit (Q6_K) or
+ * 8-bit (Q8_0) integer, s and m floats (a zero point z becomes m = -z * s). Within a panel, a
+ * group's integers are interleaved so that one 64-byte vector holds 4 consecutive values of each of
+ * the 16 rows: vpdpbusd (u8 x s8 -> s32) against 4 broadcast activation bytes advances all 16 rows
+ * at once, and the group's scales are applied once per group to 16 rows. The 5- and 6-bit integers
+ * are a 4-bit plane and a plane of their high bits; scales stay as the file has them (float16, and
+ * the K-quants' 6- or 8-bit sub-block scales under float16 super-block scales), the kernels making
+ * the same float products of them that dequantization makes.
  *
  * Activations: each row, in groups of 32, becomes integers q (two int8 terms, see below) and a
  * float d with q * d ~ x, plus the sums the minimum terms need:
@@ -166,106 +168,157 @@ static int chunk_scalar(int t, const uint8_t *row, int64_t c, int half, uint8_t 
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Repacked layout. A format is (bits, group, f16 scales). Per panel of 16 rows, per group, in order:
- *   integers: 4-bit: 4 vectors of 64 bytes, byte 4n+i of vector j = u[n][4j+i] | u[n][16+4j+i] << 4
- *             8-bit: group/4 vectors, byte 4n+i of vector j = u[n][4j+i]
- *   then 16 scales s[n], then 16 minimums m[n] (float16 or float32).
+ * Repacked layout: every type at its file's size. Per panel of 16 rows the integers of each group
+ * of 32 values come as planes, where u[n][i] is value i of row n:
+ *   nibble plane (4-, 5- and 6-bit types): 4 vectors of 64 bytes,
+ *       byte 4n+i of vector j = (u[n][4j+i] & 15) | (u[n][16+4j+i] & 15) << 4
+ *       (unpacked, its low and high nibbles are the vectors v[j] and v[j+4]: v[J] holds values
+ *       4J .. 4J+3 of each row, as vpdpbusd and sdot want them);
+ *   high plane, 1 bit (5-bit types): 1 vector, bit t of byte 4n+i = bit 4 of u[n][4t+i];
+ *   high plane, 2 bits (Q6_K): 2 vectors, bits 2t..2t+1 of byte 4n+i of vector p = bits 4..5 of
+ *       u[n][4(4p+t)+i];
+ *   byte plane (Q8_0): 8 vectors, byte 4n+i of vector j = u[n][4j+i].
+ * Scales, per format:
+ *   legacy (Q4_0 .. Q8_0), after each group's integers: 16 float16 s[n], then for Q4_1 and Q5_1 16
+ *       float16 minimums m[n]; the zero-point types' m = -z s is computed, not stored;
+ *   Q4_K and Q5_K, after each super-block's 8 groups: the file's 12 scale bytes of each row,
+ *       transposed (byte b of row n at 16b + n), then 16 float16 d, then 16 float16 dmin: the
+ *       kernels unpack the 6-bit scales and minimums as the file's readers do;
+ *   Q6_K, after each super-block: its 16 int8 scales per row, transposed, then 16 float16 d.
+ * The floats the kernels compute from these (s = d * sc, m = -(dmin * mn), m = 0 - z * s) are the
+ * same operations the file's dequantization makes, so every path multiplies the same numbers.
  * ------------------------------------------------------------------------------------------- */
+enum { SC_F16, SC_F16Z, SC_K4, SC_K6 };
 typedef struct {
-    int bits, group, f16;
-    int wide; /* 8-bit integers may exceed 127 (Q8_0's q + 128): the AVX2 path takes them signed */
+    int bits; /* 4, 5, 6 or 8 */
+    int scales; /* SC_*: how s and m are stored */
+    int z; /* the zero point of SC_F16Z and SC_K6: m = 0 - z * s */
+    int sub; /* values per scale: 32, or 16 (Q6_K) */
 } Fmt;
 
 static Fmt fmt_of(int t) {
     switch (t) {
-    case T_Q4_0: case T_Q4_1: return (Fmt){4, 32, 1, 0};
-    case T_Q4_K: return (Fmt){4, 32, 0, 0};
-    case T_Q5_0: case T_Q5_1: return (Fmt){8, 32, 1, 0};
-    case T_Q8_0: return (Fmt){8, 32, 1, 1};
-    case T_Q5_K: return (Fmt){8, 32, 0, 0};
-    default: return (Fmt){8, 16, 0, 0}; /* Q6_K */
+    case T_Q4_0: return (Fmt){4, SC_F16Z, 8, 32};
+    case T_Q4_1: return (Fmt){4, SC_F16, 0, 32};
+    case T_Q5_0: return (Fmt){5, SC_F16Z, 16, 32};
+    case T_Q5_1: return (Fmt){5, SC_F16, 0, 32};
+    case T_Q8_0: return (Fmt){8, SC_F16Z, 128, 32};
+    case T_Q4_K: return (Fmt){4, SC_K4, 0, 32};
+    case T_Q5_K: return (Fmt){5, SC_K4, 0, 32};
+    default: return (Fmt){6, SC_K6, 32, 16}; /* Q6_K */
     }
 }
-static int64_t group_bytes(Fmt f) { return 16 * f.group * f.bits / 8 + 2 * 16 * (f.f16 ? 2 : 4); }
+static int is_k(Fmt f) { return f.scales == SC_K4 || f.scales == SC_K6; }
+/* bytes of one group's integers for 16 rows */
+static int64_t int_bytes(Fmt f) { return f.bits == 8 ? 512 : 256 + 64 * (f.bits - 4); }
+/* bytes of a legacy group's scales, or a super-block's */
+static int64_t scale_bytes(Fmt f) {
+    switch (f.scales) {
+    case SC_F16: return 64;
+    case SC_F16Z: return 32;
+    case SC_K4: return 16 * 12 + 64;
+    default: return 16 * 16 + 32;
+    }
+}
+/* a panel's bytes for K values */
+static int64_t panel_bytes(Fmt f, int64_t K) {
+    return is_k(f) ? K / 256 * (8 * int_bytes(f) + scale_bytes(f)) : K / 32 * (int_bytes(f) + scale_bytes(f));
+}
+/* where group g's integers start, and where the scales that serve it start */
+static inline const uint8_t *group_ints(Fmt f, const uint8_t *w, int64_t g) {
+    return is_k(f) ? w + g / 8 * (8 * int_bytes(f) + scale_bytes(f)) + g % 8 * int_bytes(f)
+                   : w + g * (int_bytes(f) + scale_bytes(f));
+}
+static inline const uint8_t *group_scales(Fmt f, const uint8_t *w, int64_t g) {
+    return is_k(f) ? w + g / 8 * (8 * int_bytes(f) + scale_bytes(f)) + 8 * int_bytes(f)
+                   : w + g * (int_bytes(f) + scale_bytes(f)) + int_bytes(f);
+}
 
 /* bytes of the repacked matrix: N rows padded to whole panels */
 int64_t ember_repacked_size(int t, int64_t N, int64_t K) {
     if (!block_bytes(t) || K % block_values(t) || N < 1) return -1;
-    Fmt f = fmt_of(t);
-    return (N + 15) / 16 * (K / f.group) * group_bytes(f);
+    return (N + 15) / 16 * panel_bytes(fmt_of(t), K);
 }
 
-static uint16_t f2h(float x) { /* exact for the values we store (they came from float16) */
-    uint32_t b;
-    memcpy(&b, &x, 4);
-    uint32_t sign = (b >> 16) & 0x8000, e = (b >> 23) & 0xff, man = b & 0x7fffff;
-    if (e == 0xff) return (uint16_t)(sign | 0x7c00 | (man ? 0x200 : 0));
-    int ee = (int)e - 127 + 15;
-    if (ee >= 31) return (uint16_t)(sign | 0x7c00);
-    if (ee <= 0) { /* subnormal in float16 */
-        if (ee < -10) return (uint16_t)sign;
-        man |= 0x800000;
-        int shift = 14 - ee;
-        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
-        if (rem > half || (rem == half && (h & 1))) h++;
-        return (uint16_t)(sign | h);
-    }
-    uint32_t h = (uint32_t)ee << 10 | man >> 13, rem = man & 0x1fff;
-    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
-    return (uint16_t)(sign | h);
-}
-
-/* Repack N rows of GGUF blocks (row after row) into dst (ember_repacked_size bytes). Returns 0, or
- * -2 for an unsupported type or shape, -3 when a minimum overflows float16 (not from a real file). */
+/* Repack N rows of GGUF blocks (row after row) into dst (ember_repacked_size bytes, which is what the
+ * file holds for them, padded to 16 rows). Returns 0, or -2 for an unsupported type or shape. */
 int ember_repack(int t, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, int threads) {
     if (ember_repacked_size(t, N, K) < 0) return -2;
     const Fmt f = fmt_of(t);
-    const int64_t rb = K / block_values(t) * block_bytes(t), ng = K / f.group, gb = group_bytes(f);
+    const int64_t rb = K / block_values(t) * block_bytes(t), pb = panel_bytes(f, K);
     const int64_t panels = (N + 15) / 16;
-    int bad = 0;
-    #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) reduction(|:bad)
+    memset(dst, 0, (size_t)(panels * pb)); /* padding rows: zero integers and scales */
+    #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static)
     for (int64_t p = 0; p < panels; p++) {
-        for (int n = 0; n < 16; n++) {
-            int64_t row = 16 * p + n;
-            for (int64_t c = 0; c < K / 64 + (K % 64 ? 1 : 0); c++) {
+        uint8_t *w = dst + p * pb;
+        for (int n = 0; n < 16 && 16 * p + n < N; n++) {
+            const uint8_t *row = src + (16 * p + n) * rb;
+            for (int64_t c = 0; c < (K + 63) / 64; c++) {
                 uint8_t u[64];
                 float s[4], m[4];
-                if (row < N) {
-                    int z = chunk_scalar(t, src + row * rb, c, 64 * c + 64 > K, u, s, m);
-                    for (int g = 0; g < 4; g++) m[g] = m[g] - (float)z * s[g]; /* exact: z is a power of 2 */
-                } else {
-                    memset(u, 0, 64);
-                    for (int g = 0; g < 4; g++) s[g] = m[g] = 0.f;
-                }
-                int per = 64 / f.group; /* groups in this chunk */
-                for (int gi = 0; gi < per && c * 64 + gi * f.group < K; gi++) {
-                    int64_t g = c * per + gi;
-                    uint8_t *blk = dst + (p * ng + g) * gb;
-                    const uint8_t *uu = u + gi * f.group;
-                    if (f.bits == 4) {
+                chunk_scalar(t, row, c, 64 * c + 64 > K, u, s, m);
+                for (int gi = 0; gi < 2 && c * 64 + gi * 32 < K; gi++) {
+                    const int64_t g = 2 * c + gi;
+                    uint8_t *ints = (uint8_t *)group_ints(f, w, g);
+                    const uint8_t *uu = u + 32 * gi;
+                    if (f.bits == 8) {
+                        for (int j = 0; j < 8; j++)
+                            for (int i = 0; i < 4; i++) ints[64 * j + 4 * n + i] = uu[4 * j + i];
+                    } else {
                         for (int j = 0; j < 4; j++)
                             for (int i = 0; i < 4; i++)
-                                blk[64 * j + 4 * n + i] = (uint8_t)(uu[4 * j + i] | uu[16 + 4 * j + i] << 4);
-                    } else {
-                        for (int j = 0; j < f.group / 4; j++)
-                            for (int i = 0; i < 4; i++) blk[64 * j + 4 * n + i] = uu[4 * j + i];
+                                ints[64 * j + 4 * n + i] = (uint8_t)((uu[4 * j + i] & 15) | (uu[16 + 4 * j + i] & 15) << 4);
+                        for (int J = 0; J < 8; J++)
+                            for (int i = 0; i < 4; i++) {
+                                const int hb = uu[4 * J + i] >> 4;
+                                if (f.bits == 5) ints[256 + 4 * n + i] |= (uint8_t)((hb & 1) << J);
+                                else ints[256 + 64 * (J / 4) + 4 * n + i] |= (uint8_t)((hb & 3) << 2 * (J % 4));
+                            }
                     }
-                    uint8_t *sc = blk + 16 * f.group * f.bits / 8;
-                    float ss = s[gi * f.group / 16], mm = m[gi * f.group / 16];
-                    if (f.f16) {
-                        uint16_t hs = f2h(ss), hm = f2h(mm);
-                        if (isfinite(mm) && !isfinite(h2f((const uint8_t *)&hm))) bad = 1;
-                        memcpy(sc + 2 * n, &hs, 2);
-                        memcpy(sc + 32 + 2 * n, &hm, 2);
-                    } else {
-                        memcpy(sc + 4 * n, &ss, 4);
-                        memcpy(sc + 64 + 4 * n, &mm, 4);
+                    if (!is_k(f)) { /* legacy: float16 s (and m), exact: they came from float16 */
+                        uint8_t *sc = (uint8_t *)group_scales(f, w, g);
+                        const uint8_t *blk = row + g * block_bytes(t);
+                        memcpy(sc + 2 * n, blk, 2);
+                        if (f.scales == SC_F16) memcpy(sc + 32 + 2 * n, blk + 2, 2);
                     }
+                }
+            }
+            for (int64_t sb = 0; is_k(f) && sb < K / 256; sb++) { /* the file's scale bytes */
+                const uint8_t *blk = row + sb * block_bytes(t);
+                uint8_t *sc = (uint8_t *)group_scales(f, w, 8 * sb);
+                if (f.scales == SC_K4) {
+                    for (int b = 0; b < 12; b++) sc[16 * b + n] = blk[4 + b];
+                    memcpy(sc + 192 + 2 * n, blk, 2);
+                    memcpy(sc + 224 + 2 * n, blk + 2, 2);
+                } else {
+                    for (int b = 0; b < 16; b++) sc[16 * b + n] = blk[192 + b];
+                    memcpy(sc + 256 + 2 * n, blk + 208, 2);
                 }
             }
         }
     }
-    return bad ? -3 : 0;
+    return 0;
+}
+
+/* The float scale and minimum of row n for group g (sub-group `half` of Q6_K's 16-value scales):
+ * the per-lane steps every path's vector code repeats. */
+static inline void lane_scales(Fmt f, const uint8_t *sc, int64_t g, int half, int n, float *s, float *m) {
+    switch (f.scales) {
+    case SC_F16: *s = h2f(sc + 2 * n); *m = h2f(sc + 32 + 2 * n); break;
+    case SC_F16Z: *s = h2f(sc + 2 * n); *m = 0.f - (float)f.z * *s; break;
+    case SC_K4: {
+        uint8_t q[12];
+        for (int b = 0; b < 12; b++) q[b] = sc[16 * b + n];
+        int scv, mv;
+        k4_scale_min((int)(g % 8), q, &scv, &mv);
+        *s = h2f(sc + 192 + 2 * n) * (float)scv;
+        *m = -(h2f(sc + 224 + 2 * n) * (float)mv);
+        break;
+    }
+    default: /* SC_K6 */
+        *s = h2f(sc + 256 + 2 * n) * (float)(int8_t)sc[16 * (2 * (g % 8) + half) + n];
+        *m = 0.f - (float)f.z * *s;
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -418,6 +471,31 @@ static void quantize_row(const float *x, const Acts *a, int64_t r) {
 #define PF_BYTES 4096
 #endif
 
+/* The activation sums a group's minimum term multiplies: per 32 values, or per 16 (Q6_K) */
+static inline float act_sum(const Acts *a, int64_t row, int64_t g, int sub, int t) {
+    return sub == 16 ? a->sx16[row * (a->k / 16) + 2 * g + t] : a->sx32[row * (a->k / 32) + g];
+}
+
+/* Every format's constants, for code specialised per format: X(bits, scales, z, sub) must be a
+ * statement. */
+#define FORMATS(X) \
+    if (f.bits == 4 && f.scales == SC_F16Z) X(4, SC_F16Z, 8, 32) \
+    else if (f.bits == 4 && f.scales == SC_F16) X(4, SC_F16, 0, 32) \
+    else if (f.bits == 5 && f.scales == SC_F16Z) X(5, SC_F16Z, 16, 32) \
+    else if (f.bits == 5 && f.scales == SC_F16) X(5, SC_F16, 0, 32) \
+    else if (f.bits == 8) X(8, SC_F16Z, 128, 32) \
+    else if (f.bits == 4) X(4, SC_K4, 0, 32) \
+    else if (f.bits == 5) X(5, SC_K4, 0, 32) \
+    else X(6, SC_K6, 32, 16)
+
+#define PANEL_FMT(B, KIND, Z, SUB) \
+    switch (mr) { \
+    case 1: panel_t(B, KIND, Z, SUB, 1, f, w, ng, a, m0, out, m0 == 0); break; \
+    case 2: panel_t(B, KIND, Z, SUB, 2, f, w, ng, a, m0, out, m0 == 0); break; \
+    case 3: panel_t(B, KIND, Z, SUB, 3, f, w, ng, a, m0, out, m0 == 0); break; \
+    default: panel_t(B, KIND, Z, SUB, 4, f, w, ng, a, m0, out, m0 == 0); break; \
+    }
+
 #if EMBER_VNNI
 /* 4 activation bytes to every lane, as one load (vbroadcastss from memory: no shuffle port) */
 static inline __m512i bcast4(const int8_t *p) {
@@ -426,69 +504,112 @@ static inline __m512i bcast4(const int8_t *p) {
     return _mm512_castps_si512(_mm512_set1_ps(f));
 }
 
-static inline __m512 load_scales(const uint8_t *p, int f16) {
-    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
+/* A group's integers for the panel's 16 rows, unpacked into v[J] (values 4J .. 4J+3 of each row) */
+static inline __attribute__((always_inline)) void ints16(const int bits, const uint8_t *ints, __m512i v[8]) {
+    const __m512i lo4 = _mm512_set1_epi8(0x0F);
+    if (bits == 8) {
+        for (int j = 0; j < 8; j++) v[j] = _mm512_loadu_si512(ints + 64 * j);
+        return;
+    }
+    for (int j = 0; j < 4; j++) {
+        const __m512i t = _mm512_loadu_si512(ints + 64 * j);
+        v[j] = _mm512_and_si512(t, lo4);
+        v[j + 4] = _mm512_and_si512(_mm512_srli_epi16(t, 4), lo4);
+    }
+    if (bits == 5) {
+        const __m512i h = _mm512_loadu_si512(ints + 256), one = _mm512_set1_epi8(1);
+        for (int J = 0; J < 8; J++)
+            v[J] = _mm512_or_si512(v[J], _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h, J), one), 4));
+    } else if (bits == 6) {
+        const __m512i three = _mm512_set1_epi8(3);
+        for (int p = 0; p < 2; p++) {
+            const __m512i h = _mm512_loadu_si512(ints + 256 + 64 * p);
+            for (int t = 0; t < 4; t++)
+                v[4 * p + t] = _mm512_or_si512(v[4 * p + t], _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h, 2 * t), three), 4));
+        }
+    }
 }
 
-/* One panel (16 output rows) against rows m0 .. m0+mr-1. bits, group, f16 and mr are constants
- * after inlining: each format and tile height gets its own loop. */
-static inline __attribute__((always_inline)) void panel_t(const int bits, const int group, const int f16, const int mr,
-                                                           const uint8_t *w, int64_t ng, const Acts *a, int64_t m0,
-                                                           float out[][16], const int first) {
-    const int64_t gb = 16 * group * bits / 8 + 2 * 16 * (f16 ? 2 : 4), k = a->k;
-    const int sb = 16 * (f16 ? 2 : 4);
-    const __m512i lo4 = _mm512_set1_epi8(0x0F);
+static inline __m512 bytes_to_ps(const uint8_t *p, int is_signed) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)p);
+    return _mm512_cvtepi32_ps(is_signed ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+}
+static inline __m512 h16(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+
+/* lane_scales for all 16 rows at once */
+static inline __attribute__((always_inline)) void scales16(const int kind, const int z, const uint8_t *sc, int64_t g,
+                                                           int t, __m512 *s, __m512 *m) {
+    if (kind == SC_F16) {
+        *s = h16(sc);
+        *m = h16(sc + 32);
+    } else if (kind == SC_F16Z) {
+        *s = h16(sc);
+        *m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_set1_ps((float)z), *s));
+    } else if (kind == SC_K4) {
+        const int j = (int)(g % 8);
+        __m512i scv, mv;
+        const __m512i m63 = _mm512_set1_epi32(63), m15 = _mm512_set1_epi32(15);
+#define QB(b) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16 * (b))))
+        if (j < 4) {
+            scv = _mm512_and_si512(QB(j), m63);
+            mv = _mm512_and_si512(QB(j + 4), m63);
+        } else {
+            const __m512i qa = QB(j + 4);
+            scv = _mm512_or_si512(_mm512_and_si512(qa, m15), _mm512_slli_epi32(_mm512_srli_epi32(QB(j - 4), 6), 4));
+            mv = _mm512_or_si512(_mm512_srli_epi32(qa, 4), _mm512_slli_epi32(_mm512_srli_epi32(QB(j), 6), 4));
+        }
+#undef QB
+        *s = _mm512_mul_ps(h16(sc + 192), _mm512_cvtepi32_ps(scv));
+        *m = _mm512_xor_ps(_mm512_mul_ps(h16(sc + 224), _mm512_cvtepi32_ps(mv)), _mm512_set1_ps(-0.0f));
+    } else {
+        *s = _mm512_mul_ps(h16(sc + 256), bytes_to_ps(sc + 16 * (2 * (g % 8) + t), 1));
+        *m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_set1_ps((float)z), *s));
+    }
+}
+
+/* One panel (16 output rows) against rows m0 .. m0+mr-1. The format and mr are constants after
+ * inlining: each gets its own loop. */
+static inline __attribute__((always_inline)) void panel_t(const int bits, const int kind, const int z, const int sub,
+                                                           const int mr, const Fmt f, const uint8_t *w, int64_t ng,
+                                                           const Acts *a, int64_t m0, float out[][16], const int first) {
+    const int64_t k = a->k;
     __m512 acc[MR];
     for (int r = 0; r < mr; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        const uint8_t *blk = w + g * gb;
+        const uint8_t *ints = group_ints(f, w, g), *sc = group_scales(f, w, g);
         /* a panel's first pass streams its weights from memory: ask for them PF_BYTES ahead
          * (past the panel's end is the next panel, which this thread reads next); later passes
          * over the same panel find it in cache */
         if (first)
-            for (int64_t off = 0; off < gb; off += 64) _mm_prefetch((const char *)blk + PF_BYTES + off, _MM_HINT_T0);
+            for (int64_t off = 0; off < int_bytes(f); off += 64) _mm_prefetch((const char *)ints + PF_BYTES + off, _MM_HINT_T0);
         __m512i v[8];
-        if (bits == 4) {
-            for (int j = 0; j < 4; j++) {
-                __m512i t = _mm512_loadu_si512(blk + 64 * j);
-                v[j] = _mm512_and_si512(t, lo4);
-                v[j + 4] = _mm512_and_si512(_mm512_srli_epi16(t, 4), lo4);
+        ints16(bits, ints, v);
+        for (int t = 0; t < 32 / sub; t++) {
+            __m512 s, mn;
+            scales16(kind, z, sc, g, t, &s, &mn);
+            const int j0 = t * sub / 4, j1 = j0 + sub / 4;
+            for (int r = 0; r < mr; r++) {
+                const int64_t row = m0 + r, e = g * 32;
+                const int8_t *qh = a->hi + row * k + e, *ql = a->lo + row * k + e;
+                /* four independent chains (integer sums are exact, so the split changes no bits):
+                 * one chain of dependent vpdpbusd would leave a single row waiting on latency */
+                __m512i h0 = _mm512_setzero_si512(), h1 = h0, l0 = h0, l1 = h0;
+                for (int j = j0; j < j1; j += 2) {
+                    h0 = _mm512_dpbusd_epi32(h0, v[j], bcast4(qh + 4 * j));
+                    h1 = _mm512_dpbusd_epi32(h1, v[j + 1], bcast4(qh + 4 * j + 4));
+                    l0 = _mm512_dpbusd_epi32(l0, v[j], bcast4(ql + 4 * j));
+                    l1 = _mm512_dpbusd_epi32(l1, v[j + 1], bcast4(ql + 4 * j + 4));
+                }
+                /* 256 * (u . hi) + u . lo, exact: |u . hi| < 2^21 */
+                __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
+                const float dx = a->d[row * (k / 32) + g], sx = act_sum(a, row, g, sub, t);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(dx)), acc[r]);
+                acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx), acc[r]);
             }
-        } else {
-            for (int j = 0; j < group / 4; j++) v[j] = _mm512_loadu_si512(blk + 64 * j);
-        }
-        const uint8_t *sc = blk + 16 * group * bits / 8;
-        __m512 s = load_scales(sc, f16), mn = load_scales(sc + sb, f16);
-        for (int r = 0; r < mr; r++) {
-            const int64_t row = m0 + r, e = g * group;
-            const int8_t *qh = a->hi + row * k + e, *ql = a->lo + row * k + e;
-            /* four independent chains (integer sums are exact, so the split changes no bits):
-             * one chain of dependent vpdpbusd would leave a single row waiting on latency */
-            __m512i h0 = _mm512_setzero_si512(), h1 = h0, l0 = h0, l1 = h0;
-            for (int j = 0; j < group / 4; j += 2) {
-                h0 = _mm512_dpbusd_epi32(h0, v[j], bcast4(qh + 4 * j));
-                h1 = _mm512_dpbusd_epi32(h1, v[j + 1], bcast4(qh + 4 * j + 4));
-                l0 = _mm512_dpbusd_epi32(l0, v[j], bcast4(ql + 4 * j));
-                l1 = _mm512_dpbusd_epi32(l1, v[j + 1], bcast4(ql + 4 * j + 4));
-            }
-            /* 256 * (u . hi) + u . lo, exact: |u . hi| < 2^21 */
-            __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
-            float dx = a->d[row * (k / 32) + e / 32];
-            float sx = group == 16 ? a->sx16[row * (k / 16) + g] : a->sx32[row * (k / 32) + g];
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(dx)), acc[r]);
-            acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx), acc[r]);
         }
     }
     for (int r = 0; r < mr; r++) _mm512_storeu_ps(out[r], acc[r]);
 }
-
-#define PANEL_MR(B, G, H) \
-    switch (mr) { \
-    case 1: panel_t(B, G, H, 1, w, ng, a, m0, out, m0 == 0); break; \
-    case 2: panel_t(B, G, H, 2, w, ng, a, m0, out, m0 == 0); break; \
-    case 3: panel_t(B, G, H, 3, w, ng, a, m0, out, m0 == 0); break; \
-    default: panel_t(B, G, H, 4, w, ng, a, m0, out, m0 == 0); break; \
-    }
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 /* AMX: 16 activation rows at a time. The tiles compute the same exact integer dot products as
@@ -513,88 +634,79 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-/* tiles 0, 1: integer dots against hi and lo; 2, 3: hi and lo activations; 4: weights. */
-static void tile_config(TileConfig *cfg, int group) {
+/* tiles 0, 1: integer dots against hi and lo; 2, 3: hi and lo activations; 4: weights. `sub`:
+ * the values one scale covers (32, or 16 for Q6_K), which is what one tile product sums. */
+static void tile_config(TileConfig *cfg, int sub) {
     memset(cfg, 0, sizeof *cfg);
     cfg->palette = 1;
     cfg->rows[0] = cfg->rows[1] = 16; cfg->colsb[0] = cfg->colsb[1] = 64;
-    cfg->rows[2] = cfg->rows[3] = 16; cfg->colsb[2] = cfg->colsb[3] = (uint16_t)group;
-    cfg->rows[4] = (uint8_t)(group / 4); cfg->colsb[4] = 64;
+    cfg->rows[2] = cfg->rows[3] = 16; cfg->colsb[2] = cfg->colsb[3] = (uint16_t)sub;
+    cfg->rows[4] = (uint8_t)(sub / 4); cfg->colsb[4] = 64;
 }
 
 /* Loading a configuration, and releasing it after every call, cost about 4% of a batched decode
  * step, so a thread keeps its tiles configured between calls. Another library on the same thread
  * (oneDNN, say) may have loaded its own since: reading the live configuration back is cheap, and
  * only a mismatch reloads it. */
-static void amx_configure(int group) {
+static void amx_configure(int sub) {
     TileConfig want, live;
-    tile_config(&want, group);
+    tile_config(&want, sub);
     _tile_storeconfig(&live);
     if (memcmp(&want, &live, sizeof want)) _tile_loadconfig(&want);
 }
 
-static inline __attribute__((always_inline)) void panel_amx_t(const int bits, const int group, const int f16,
-                                                               const uint8_t *w, int64_t ng, const Acts *a,
-                                                               int64_t m0, float out[][16]) {
-    const int64_t gb = 16 * group * bits / 8 + 2 * 16 * (f16 ? 2 : 4), k = a->k;
-    const int sb = 16 * (f16 ? 2 : 4);
-    const __m512i lo4 = _mm512_set1_epi8(0x0F);
+static inline __attribute__((always_inline)) void panel_amx_t(const int bits, const int kind, const int z,
+                                                               const int sub, const Fmt f, const uint8_t *w,
+                                                               int64_t ng, const Acts *a, int64_t m0, float out[][16]) {
+    const int64_t k = a->k;
     _Alignas(64) uint8_t bt[512];
     _Alignas(64) int32_t ch[256], cl[256];
     __m512 acc[16];
     for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        const uint8_t *blk = w + g * gb;
-        const int64_t e = g * group;
-        if (bits == 4) { /* the 4-bit layout unpacks to exactly the tile's rows */
-            for (int j = 0; j < 4; j++) {
-                __m512i t = _mm512_loadu_si512(blk + 64 * j);
-                _mm512_store_si512(bt + 64 * j, _mm512_and_si512(t, lo4));
-                _mm512_store_si512(bt + 64 * (j + 4), _mm512_and_si512(_mm512_srli_epi16(t, 4), lo4));
-            }
-            _tile_loadd(4, bt, 64);
-        } else {
-            _tile_loadd(4, blk, 64);
+        const uint8_t *ints = group_ints(f, w, g), *sc = group_scales(f, w, g), *b = ints;
+        const int64_t e = g * 32;
+        if (bits != 8) { /* the unpacked vectors are exactly the tile's rows */
+            __m512i v[8];
+            ints16(bits, ints, v);
+            for (int j = 0; j < 8; j++) _mm512_store_si512(bt + 64 * j, v[j]);
+            b = bt;
         }
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_loadd(2, a->hi + m0 * k + e, k);
-        _tile_loadd(3, a->lo + m0 * k + e, k);
-        _tile_dpbsud(0, 2, 4);
-        _tile_dpbsud(1, 3, 4);
-        _tile_stored(0, ch, 64);
-        _tile_stored(1, cl, 64);
-        const uint8_t *sc = blk + 16 * group * bits / 8;
-        __m512 s = load_scales(sc, f16), mn = load_scales(sc + sb, f16);
-        for (int r = 0; r < 16; r++) {
-            const int64_t row = m0 + r;
-            __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(ch + 16 * r), 8),
-                                           _mm512_load_si512(cl + 16 * r));
-            float dx = a->d[row * (k / 32) + e / 32];
-            float sx = group == 16 ? a->sx16[row * (k / 16) + g] : a->sx32[row * (k / 32) + g];
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(dx)), acc[r]);
-            acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx), acc[r]);
+        for (int t = 0; t < 32 / sub; t++) {
+            _tile_loadd(4, b + 64 * (sub / 4) * t, 64);
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_loadd(2, a->hi + m0 * k + e + sub * t, k);
+            _tile_loadd(3, a->lo + m0 * k + e + sub * t, k);
+            _tile_dpbsud(0, 2, 4);
+            _tile_dpbsud(1, 3, 4);
+            _tile_stored(0, ch, 64);
+            _tile_stored(1, cl, 64);
+            __m512 s, mn;
+            scales16(kind, z, sc, g, t, &s, &mn);
+            for (int r = 0; r < 16; r++) {
+                const int64_t row = m0 + r;
+                __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(ch + 16 * r), 8),
+                                               _mm512_load_si512(cl + 16 * r));
+                const float dx = a->d[row * (k / 32) + g], sx = act_sum(a, row, g, sub, t);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(dx)), acc[r]);
+                acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx), acc[r]);
+            }
         }
     }
     for (int r = 0; r < 16; r++) _mm512_storeu_ps(out[r], acc[r]);
 }
 
+#define PANEL_AMX(B, KIND, Z, SUB) { panel_amx_t(B, KIND, Z, SUB, f, w, ng, a, m0, out); }
 static void panel_amx(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0, float out[][16]) {
-    if (f.bits == 4 && f.f16) panel_amx_t(4, 32, 1, w, ng, a, m0, out);
-    else if (f.bits == 4) panel_amx_t(4, 32, 0, w, ng, a, m0, out);
-    else if (f.group == 32 && f.f16) panel_amx_t(8, 32, 1, w, ng, a, m0, out);
-    else if (f.group == 32) panel_amx_t(8, 32, 0, w, ng, a, m0, out);
-    else panel_amx_t(8, 16, 0, w, ng, a, m0, out);
+    FORMATS(PANEL_AMX)
 }
 #endif
 
 static void panel(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0, int mr, float out[][16]) {
-    if (f.bits == 4 && f.f16) PANEL_MR(4, 32, 1)
-    else if (f.bits == 4) PANEL_MR(4, 32, 0)
-    else if (f.group == 32 && f.f16) PANEL_MR(8, 32, 1)
-    else if (f.group == 32) PANEL_MR(8, 32, 0)
-    else PANEL_MR(8, 16, 0)
+    FORMATS(PANEL_FMT)
 }
+
 #elif EMBER_AVX2
 /* 4 activation bytes to every 32-bit lane, as one load */
 static inline __m256i bcast4(const int8_t *p) {
@@ -603,233 +715,300 @@ static inline __m256i bcast4(const int8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
-/* 8 scales (rows 8h .. 8h+7 of the panel) */
-static inline __m256 load_scales8(const uint8_t *p, int f16, int h) {
-    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)))
-               : _mm256_loadu_ps((const float *)p + 8 * h);
+/* ints16 for half h of the panel (rows 8h .. 8h+7); Q8_0's bytes as signed q = u - 128 */
+static inline __attribute__((always_inline)) void ints8(const int bits, const uint8_t *ints, int h, __m256i v[8]) {
+    const __m256i lo4 = _mm256_set1_epi8(0x0F);
+#define LD(off) _mm256_loadu_si256((const __m256i *)(ints + (off) + 32 * h))
+    if (bits == 8) {
+        for (int j = 0; j < 8; j++) v[j] = _mm256_xor_si256(LD(64 * j), _mm256_set1_epi8((char)0x80));
+        return;
+    }
+    for (int j = 0; j < 4; j++) {
+        const __m256i t = LD(64 * j);
+        v[j] = _mm256_and_si256(t, lo4);
+        v[j + 4] = _mm256_and_si256(_mm256_srli_epi16(t, 4), lo4);
+    }
+    if (bits == 5) {
+        const __m256i hb = LD(256), one = _mm256_set1_epi8(1);
+        for (int J = 0; J < 8; J++)
+            v[J] = _mm256_or_si256(v[J], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, J), one), 4));
+    } else if (bits == 6) {
+        const __m256i three = _mm256_set1_epi8(3);
+        for (int p = 0; p < 2; p++) {
+            const __m256i hb = LD(256 + 64 * p);
+            for (int t = 0; t < 4; t++)
+                v[4 * p + t] = _mm256_or_si256(v[4 * p + t], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * t), three), 4));
+        }
+    }
+#undef LD
+}
+
+static inline __m256 h8(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline __m256i b8(const uint8_t *p, int is_signed) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    return is_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+}
+
+/* lane_scales for rows 8h .. 8h+7 */
+static inline __attribute__((always_inline)) void scales8(const int kind, const int z, const uint8_t *sc, int64_t g,
+                                                          int t, int h, __m256 *s, __m256 *m) {
+    if (kind == SC_F16) {
+        *s = h8(sc + 16 * h);
+        *m = h8(sc + 32 + 16 * h);
+    } else if (kind == SC_F16Z) {
+        *s = h8(sc + 16 * h);
+        *m = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(_mm256_set1_ps((float)z), *s));
+    } else if (kind == SC_K4) {
+        const int j = (int)(g % 8);
+        const __m256i m63 = _mm256_set1_epi32(63), m15 = _mm256_set1_epi32(15);
+        __m256i scv, mv;
+#define QB(b) b8(sc + 16 * (b) + 8 * h, 0)
+        if (j < 4) {
+            scv = _mm256_and_si256(QB(j), m63);
+            mv = _mm256_and_si256(QB(j + 4), m63);
+        } else {
+            const __m256i qa = QB(j + 4);
+            scv = _mm256_or_si256(_mm256_and_si256(qa, m15), _mm256_slli_epi32(_mm256_srli_epi32(QB(j - 4), 6), 4));
+            mv = _mm256_or_si256(_mm256_srli_epi32(qa, 4), _mm256_slli_epi32(_mm256_srli_epi32(QB(j), 6), 4));
+        }
+#undef QB
+        *s = _mm256_mul_ps(h8(sc + 192 + 16 * h), _mm256_cvtepi32_ps(scv));
+        *m = _mm256_xor_ps(_mm256_mul_ps(h8(sc + 224 + 16 * h), _mm256_cvtepi32_ps(mv)), _mm256_set1_ps(-0.0f));
+    } else {
+        *s = _mm256_mul_ps(h8(sc + 256 + 16 * h), _mm256_cvtepi32_ps(b8(sc + 16 * (2 * (g % 8) + t) + 8 * h, 1)));
+        *m = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(_mm256_set1_ps((float)z), *s));
+    }
 }
 
 /* Half h of one panel (output rows 8h .. 8h+7) against activation rows m0 .. m0+mr-1: the VNNI
- * path's integer dot per (row, group) and then its two FMAs, lane for lane.
+ * path's integer dot per (row, group), then its two FMAs, lane for lane.
  *
  * vpmaddubsw multiplies unsigned weight bytes by signed activation bytes and adds neighbours into
  * int16 with saturation, so each format is arranged to never saturate, keeping the sums exact:
  *   4-bit (u <= 15): |pair| <= 2 * 15 * 127 = 3810, and a group's eight vectors sum to at most
  *       30480 in int16 before one vpmaddwd (by 256 for hi, 1 for lo) takes them to int32;
- *   8-bit, u <= 63 (Q5_*, Q6_K): |pair| <= 16002, two vectors summed in int16 at a time;
- *   wide 8-bit (Q8_0, u = q + 128 up to 255): the product is taken as |q| * (a * sign q), both
- *       within range (|q| <= 128, |a| <= 127: |pair| <= 32512), one vector at a time, and
+ *   5- and 6-bit (u <= 63): |pair| <= 16002, two vectors summed in int16 at a time;
+ *   Q8_0 (u = q + 128 up to 255): the product is taken as |q| * (a * sign q), both within range
+ *       (|q| <= 128, |a| <= 127: |pair| <= 32512), one vector at a time, and
  *       u . a = q . a + 128 * sum(a) restores the unsigned dot exactly. */
-static inline __attribute__((always_inline)) void half_t(const int bits, const int group, const int f16,
-                                                          const int wide, const int mr, const uint8_t *w,
-                                                          int64_t ng, const Acts *a, int64_t m0, float out[][16],
-                                                          const int h, const int first) {
-    const int64_t gb = 16 * group * bits / 8 + 2 * 16 * (f16 ? 2 : 4), k = a->k;
-    const int sb = 16 * (f16 ? 2 : 4), nv = bits == 4 ? 8 : group / 4;
-    const __m256i lo4 = _mm256_set1_epi8(0x0F), x80 = _mm256_set1_epi8((char)0x80);
+static inline __attribute__((always_inline)) void half_t(const int bits, const int kind, const int z, const int sub,
+                                                          const int mr, const Fmt f, const uint8_t *w, int64_t ng,
+                                                          const Acts *a, int64_t m0, float out[][16], const int h,
+                                                          const int first) {
+    const int64_t k = a->k;
     const __m256i by256 = _mm256_set1_epi16(256), by1 = _mm256_set1_epi16(1);
     __m256 acc[MR];
     for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        const uint8_t *blk = w + g * gb;
+        const uint8_t *ints = group_ints(f, w, g), *sc = group_scales(f, w, g);
         if (first)
-            for (int64_t off = 0; off < gb; off += 64) _mm_prefetch((const char *)blk + PF_BYTES + off, _MM_HINT_T0);
-        /* v[j]: this half's 8 rows, values 4j .. 4j+3 of each (as in the VNNI path's v[j]) */
+            for (int64_t off = 0; off < int_bytes(f); off += 64) _mm_prefetch((const char *)ints + PF_BYTES + off, _MM_HINT_T0);
         __m256i v[8];
-        if (bits == 4) {
-            for (int j = 0; j < 4; j++) {
-                const __m256i t = _mm256_loadu_si256((const __m256i *)(blk + 64 * j + 32 * h));
-                v[j] = _mm256_and_si256(t, lo4);
-                v[j + 4] = _mm256_and_si256(_mm256_srli_epi16(t, 4), lo4);
-            }
-        } else {
-            for (int j = 0; j < nv; j++) {
-                v[j] = _mm256_loadu_si256((const __m256i *)(blk + 64 * j + 32 * h));
-                if (wide) v[j] = _mm256_xor_si256(v[j], x80); /* q = u - 128, signed */
-            }
-        }
-        const uint8_t *sc = blk + 16 * group * bits / 8;
-        const __m256 s = load_scales8(sc, f16, h), mn = load_scales8(sc + sb, f16, h);
-        for (int r = 0; r < mr; r++) {
-            const int64_t row = m0 + r, e = g * group;
-            const int8_t *qh = a->hi + row * k + e, *ql = a->lo + row * k + e;
-            __m256i dot;
-            if (bits == 4) {
-                __m256i ph = _mm256_maddubs_epi16(v[0], bcast4(qh)), pl = _mm256_maddubs_epi16(v[0], bcast4(ql));
-                for (int j = 1; j < 8; j++) {
-                    ph = _mm256_add_epi16(ph, _mm256_maddubs_epi16(v[j], bcast4(qh + 4 * j)));
-                    pl = _mm256_add_epi16(pl, _mm256_maddubs_epi16(v[j], bcast4(ql + 4 * j)));
+        ints8(bits, ints, h, v);
+        for (int t = 0; t < 32 / sub; t++) {
+            __m256 s, mn;
+            scales8(kind, z, sc, g, t, h, &s, &mn);
+            const int j0 = t * sub / 4, j1 = j0 + sub / 4;
+            for (int r = 0; r < mr; r++) {
+                const int64_t row = m0 + r, e = g * 32;
+                const int8_t *qh = a->hi + row * k + e, *ql = a->lo + row * k + e;
+                __m256i dot;
+                if (bits == 4) {
+                    __m256i ph = _mm256_maddubs_epi16(v[0], bcast4(qh)), pl = _mm256_maddubs_epi16(v[0], bcast4(ql));
+                    for (int j = 1; j < 8; j++) {
+                        ph = _mm256_add_epi16(ph, _mm256_maddubs_epi16(v[j], bcast4(qh + 4 * j)));
+                        pl = _mm256_add_epi16(pl, _mm256_maddubs_epi16(v[j], bcast4(ql + 4 * j)));
+                    }
+                    dot = _mm256_add_epi32(_mm256_madd_epi16(ph, by256), _mm256_madd_epi16(pl, by1));
+                } else if (bits != 8) {
+                    dot = _mm256_setzero_si256();
+                    for (int j = j0; j < j1; j += 2) {
+                        const __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(v[j], bcast4(qh + 4 * j)),
+                                                            _mm256_maddubs_epi16(v[j + 1], bcast4(qh + 4 * j + 4)));
+                        const __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(v[j], bcast4(ql + 4 * j)),
+                                                            _mm256_maddubs_epi16(v[j + 1], bcast4(ql + 4 * j + 4)));
+                        dot = _mm256_add_epi32(dot, _mm256_add_epi32(_mm256_madd_epi16(ph, by256), _mm256_madd_epi16(pl, by1)));
+                    }
+                } else {
+                    dot = _mm256_set1_epi32(128 * a->is32[row * (k / 32) + g]);
+                    for (int j = 0; j < 8; j++) {
+                        const __m256i aq = _mm256_abs_epi8(v[j]);
+                        const __m256i ph = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(bcast4(qh + 4 * j), v[j]));
+                        const __m256i pl = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(bcast4(ql + 4 * j), v[j]));
+                        dot = _mm256_add_epi32(dot, _mm256_add_epi32(_mm256_madd_epi16(ph, by256), _mm256_madd_epi16(pl, by1)));
+                    }
                 }
-                dot = _mm256_add_epi32(_mm256_madd_epi16(ph, by256), _mm256_madd_epi16(pl, by1));
-            } else if (!wide) {
-                dot = _mm256_setzero_si256();
-                for (int j = 0; j < nv; j += 2) {
-                    const __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(v[j], bcast4(qh + 4 * j)),
-                                                        _mm256_maddubs_epi16(v[j + 1], bcast4(qh + 4 * j + 4)));
-                    const __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(v[j], bcast4(ql + 4 * j)),
-                                                        _mm256_maddubs_epi16(v[j + 1], bcast4(ql + 4 * j + 4)));
-                    dot = _mm256_add_epi32(dot, _mm256_add_epi32(_mm256_madd_epi16(ph, by256), _mm256_madd_epi16(pl, by1)));
-                }
-            } else {
-                dot = _mm256_set1_epi32(128 * a->is32[row * (k / 32) + e / 32]);
-                for (int j = 0; j < nv; j++) {
-                    const __m256i aq = _mm256_abs_epi8(v[j]);
-                    const __m256i ph = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(bcast4(qh + 4 * j), v[j]));
-                    const __m256i pl = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(bcast4(ql + 4 * j), v[j]));
-                    dot = _mm256_add_epi32(dot, _mm256_add_epi32(_mm256_madd_epi16(ph, by256), _mm256_madd_epi16(pl, by1)));
-                }
+                const float dx = a->d[row * (k / 32) + g], sx = act_sum(a, row, g, sub, t);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(dx)), acc[r]);
+                acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sx), acc[r]);
             }
-            const float dx = a->d[row * (k / 32) + e / 32];
-            const float sx = group == 16 ? a->sx16[row * (k / 16) + g] : a->sx32[row * (k / 32) + g];
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(dx)), acc[r]);
-            acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sx), acc[r]);
         }
     }
     for (int r = 0; r < mr; r++) _mm256_storeu_ps(out[r] + 8 * h, acc[r]);
 }
 
-static inline __attribute__((always_inline)) void panel_t(const int bits, const int group, const int f16,
-                                                           const int wide, const int mr, const uint8_t *w,
-                                                           int64_t ng, const Acts *a, int64_t m0, float out[][16]) {
+static inline __attribute__((always_inline)) void panel_t(const int bits, const int kind, const int z, const int sub,
+                                                           const int mr, const Fmt f, const uint8_t *w, int64_t ng,
+                                                           const Acts *a, int64_t m0, float out[][16], const int first) {
     /* the second half finds the panel's weights in cache: the first streamed them */
-    half_t(bits, group, f16, wide, mr, w, ng, a, m0, out, 0, m0 == 0);
-    half_t(bits, group, f16, wide, mr, w, ng, a, m0, out, 1, 0);
+    half_t(bits, kind, z, sub, mr, f, w, ng, a, m0, out, 0, first);
+    half_t(bits, kind, z, sub, mr, f, w, ng, a, m0, out, 1, 0);
 }
-
-#define PANEL_MR(B, G, H, W) \
-    switch (mr) { \
-    case 1: panel_t(B, G, H, W, 1, w, ng, a, m0, out); break; \
-    case 2: panel_t(B, G, H, W, 2, w, ng, a, m0, out); break; \
-    case 3: panel_t(B, G, H, W, 3, w, ng, a, m0, out); break; \
-    default: panel_t(B, G, H, W, 4, w, ng, a, m0, out); break; \
-    }
 
 static void panel(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0, int mr, float out[][16]) {
-    if (f.bits == 4 && f.f16) PANEL_MR(4, 32, 1, 0)
-    else if (f.bits == 4) PANEL_MR(4, 32, 0, 0)
-    else if (f.wide) PANEL_MR(8, 32, 1, 1)
-    else if (f.group == 32 && f.f16) PANEL_MR(8, 32, 1, 0)
-    else if (f.group == 32) PANEL_MR(8, 32, 0, 0)
-    else PANEL_MR(8, 16, 0, 0)
-}
-#elif EMBER_NEON
-/* 4 scales (rows 4q .. 4q+3 of the panel) */
-static inline float32x4_t load_scales4(const uint8_t *p, int f16, int q) {
-    return f16 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)(const void *)p + 4 * q)))
-               : vld1q_f32((const float *)(const void *)p + 4 * q);
+    FORMATS(PANEL_FMT)
 }
 
-/* Quarter q of one panel (output rows 4q .. 4q+3) against activation rows m0 .. m0+mr-1: the VNNI
- * path's integer dot per (row, group), then its two FMAs, lane for lane. sdot multiplies signed
- * bytes: weights up to 127 (4-bit, Q5_*, Q6_K) are taken as they are; Q8_0's (u = q + 128) as
- * q = u - 128, and u . a = q . a + 128 * sum(a) restores the unsigned dot exactly. */
-static inline __attribute__((always_inline)) void quarter_t(const int bits, const int group, const int f16,
-                                                             const int wide, const int mr, const uint8_t *w,
-                                                             int64_t ng, const Acts *a, int64_t m0, float out[][16],
-                                                             const int q, const int first) {
-    const int64_t gb = 16 * group * bits / 8 + 2 * 16 * (f16 ? 2 : 4), k = a->k;
-    const int sb = 16 * (f16 ? 2 : 4), nv = bits == 4 ? 8 : group / 4;
+#elif EMBER_NEON
+/* ints16 for quarter q of the panel (rows 4q .. 4q+3), as signed bytes (u <= 63; Q8_0 as u - 128) */
+static inline __attribute__((always_inline)) void ints4(const int bits, const uint8_t *ints, int q, int8x16_t v[8]) {
+    if (bits == 8) {
+        for (int j = 0; j < 8; j++) v[j] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(ints + 64 * j + 16 * q), vdupq_n_u8(0x80)));
+        return;
+    }
+    uint8x16_t u[8];
+    for (int j = 0; j < 4; j++) {
+        const uint8x16_t t = vld1q_u8(ints + 64 * j + 16 * q);
+        u[j] = vandq_u8(t, vdupq_n_u8(0x0F));
+        u[j + 4] = vshrq_n_u8(t, 4);
+    }
+    if (bits == 5) {
+        const uint8x16_t hb = vld1q_u8(ints + 256 + 16 * q);
+        for (int J = 0; J < 8; J++)
+            u[J] = vorrq_u8(u[J], vshlq_n_u8(vandq_u8(vshlq_u8(hb, vdupq_n_s8((int8_t)-J)), vdupq_n_u8(1)), 4));
+    } else if (bits == 6) {
+        for (int p = 0; p < 2; p++) {
+            const uint8x16_t hb = vld1q_u8(ints + 256 + 64 * p + 16 * q);
+            for (int t = 0; t < 4; t++)
+                u[4 * p + t] = vorrq_u8(u[4 * p + t], vshlq_n_u8(vandq_u8(vshlq_u8(hb, vdupq_n_s8((int8_t)(-2 * t))), vdupq_n_u8(3)), 4));
+        }
+    }
+    for (int j = 0; j < 8; j++) v[j] = vreinterpretq_s8_u8(u[j]);
+}
+
+static inline float32x4_t h4(const uint8_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)(const void *)p))); }
+static inline uint32x4_t b4(const uint8_t *p) {
+    uint32_t x;
+    memcpy(&x, p, 4);
+    return vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(x)))));
+}
+
+/* lane_scales for rows 4q .. 4q+3 */
+static inline __attribute__((always_inline)) void scales4(const int kind, const int z, const uint8_t *sc, int64_t g,
+                                                          int t, int q, float32x4_t *s, float32x4_t *m) {
+    if (kind == SC_F16) {
+        *s = h4(sc + 8 * q);
+        *m = h4(sc + 32 + 8 * q);
+    } else if (kind == SC_F16Z) {
+        *s = h4(sc + 8 * q);
+        *m = vsubq_f32(vdupq_n_f32(0.f), vmulq_f32(vdupq_n_f32((float)z), *s));
+    } else if (kind == SC_K4) {
+        const int j = (int)(g % 8);
+        uint32x4_t scv, mv;
+#define QB(b) b4(sc + 16 * (b) + 4 * q)
+        if (j < 4) {
+            scv = vandq_u32(QB(j), vdupq_n_u32(63));
+            mv = vandq_u32(QB(j + 4), vdupq_n_u32(63));
+        } else {
+            const uint32x4_t qa = QB(j + 4);
+            scv = vorrq_u32(vandq_u32(qa, vdupq_n_u32(15)), vshlq_n_u32(vshrq_n_u32(QB(j - 4), 6), 4));
+            mv = vorrq_u32(vshrq_n_u32(qa, 4), vshlq_n_u32(vshrq_n_u32(QB(j), 6), 4));
+        }
+#undef QB
+        *s = vmulq_f32(h4(sc + 192 + 8 * q), vcvtq_f32_u32(scv));
+        *m = vnegq_f32(vmulq_f32(h4(sc + 224 + 8 * q), vcvtq_f32_u32(mv)));
+    } else {
+        int8_t b[4];
+        memcpy(b, sc + 16 * (2 * (g % 8) + t) + 4 * q, 4);
+        const float32x4_t scf = {(float)b[0], (float)b[1], (float)b[2], (float)b[3]};
+        *s = vmulq_f32(h4(sc + 256 + 8 * q), scf);
+        *m = vsubq_f32(vdupq_n_f32(0.f), vmulq_f32(vdupq_n_f32((float)z), *s));
+    }
+}
+
+/* Quarter q of one panel (output rows 4q .. 4q+3): the VNNI path's integer dot per (row, group),
+ * then its two FMAs, lane for lane. sdot multiplies signed bytes: weights up to 63 are taken as
+ * they are; Q8_0's (u = q + 128) as q = u - 128, and u . a = q . a + 128 * sum(a) restores the
+ * unsigned dot exactly. */
+static inline __attribute__((always_inline)) void quarter_t(const int bits, const int kind, const int z, const int sub,
+                                                             const int mr, const Fmt f, const uint8_t *w, int64_t ng,
+                                                             const Acts *a, int64_t m0, float out[][16], const int q,
+                                                             const int first) {
+    const int64_t k = a->k;
     float32x4_t acc[MR];
     for (int r = 0; r < mr; r++) acc[r] = vdupq_n_f32(0.f);
     for (int64_t g = 0; g < ng; g++) {
-        const uint8_t *blk = w + g * gb;
+        const uint8_t *ints = group_ints(f, w, g), *sc = group_scales(f, w, g);
         if (first)
-            for (int64_t off = 0; off < gb; off += 64) __builtin_prefetch(blk + PF_BYTES + off);
-        int8x16_t v[8]; /* v[j]: this quarter's 4 rows, values 4j .. 4j+3 of each */
-        if (bits == 4) {
-            for (int j = 0; j < 4; j++) {
-                const uint8x16_t t = vld1q_u8(blk + 64 * j + 16 * q);
-                v[j] = vreinterpretq_s8_u8(vandq_u8(t, vdupq_n_u8(0x0F)));
-                v[j + 4] = vreinterpretq_s8_u8(vshrq_n_u8(t, 4));
+            for (int64_t off = 0; off < int_bytes(f); off += 64) __builtin_prefetch(ints + PF_BYTES + off);
+        int8x16_t v[8];
+        ints4(bits, ints, q, v);
+        for (int t = 0; t < 32 / sub; t++) {
+            float32x4_t s, mn;
+            scales4(kind, z, sc, g, t, q, &s, &mn);
+            const int j0 = t * sub / 4, j1 = j0 + sub / 4;
+            for (int r = 0; r < mr; r++) {
+                const int64_t row = m0 + r, e = g * 32;
+                const int8_t *qh = a->hi + row * k + e, *ql = a->lo + row * k + e;
+                int32x4_t dh = vdupq_n_s32(0), dl = dh;
+                for (int j = j0; j < j1; j++) {
+                    int32_t h4v, l4v;
+                    memcpy(&h4v, qh + 4 * j, 4);
+                    memcpy(&l4v, ql + 4 * j, 4);
+                    dh = vdotq_s32(dh, v[j], vreinterpretq_s8_s32(vdupq_n_s32(h4v)));
+                    dl = vdotq_s32(dl, v[j], vreinterpretq_s8_s32(vdupq_n_s32(l4v)));
+                }
+                int32x4_t dot = vaddq_s32(vshlq_n_s32(dh, 8), dl); /* exact: |u . hi| < 2^21 */
+                if (bits == 8) dot = vaddq_s32(dot, vdupq_n_s32(128 * a->is32[row * (k / 32) + g]));
+                const float dx = a->d[row * (k / 32) + g], sx = act_sum(a, row, g, sub, t);
+                acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(dot), vmulq_f32(s, vdupq_n_f32(dx)));
+                acc[r] = vfmaq_f32(acc[r], mn, vdupq_n_f32(sx));
             }
-        } else {
-            for (int j = 0; j < nv; j++) {
-                uint8x16_t t = vld1q_u8(blk + 64 * j + 16 * q);
-                if (wide) t = veorq_u8(t, vdupq_n_u8(0x80));
-                v[j] = vreinterpretq_s8_u8(t);
-            }
-        }
-        const uint8_t *sc = blk + 16 * group * bits / 8;
-        const float32x4_t s = load_scales4(sc, f16, q), mn = load_scales4(sc + sb, f16, q);
-        for (int r = 0; r < mr; r++) {
-            const int64_t row = m0 + r, e = g * group;
-            const int8_t *qh = a->hi + row * k + e, *ql = a->lo + row * k + e;
-            int32x4_t dh = vdupq_n_s32(0), dl = dh;
-            for (int j = 0; j < nv; j++) {
-                int32_t h4, l4;
-                memcpy(&h4, qh + 4 * j, 4);
-                memcpy(&l4, ql + 4 * j, 4);
-                dh = vdotq_s32(dh, v[j], vreinterpretq_s8_s32(vdupq_n_s32(h4)));
-                dl = vdotq_s32(dl, v[j], vreinterpretq_s8_s32(vdupq_n_s32(l4)));
-            }
-            /* 256 * (u . hi) + u . lo, exact: |u . hi| < 2^21 */
-            int32x4_t dot = vaddq_s32(vshlq_n_s32(dh, 8), dl);
-            if (wide) dot = vaddq_s32(dot, vdupq_n_s32(128 * a->is32[row * (k / 32) + e / 32]));
-            const float dx = a->d[row * (k / 32) + e / 32];
-            const float sx = group == 16 ? a->sx16[row * (k / 16) + g] : a->sx32[row * (k / 32) + g];
-            acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(dot), vmulq_f32(s, vdupq_n_f32(dx)));
-            acc[r] = vfmaq_f32(acc[r], mn, vdupq_n_f32(sx));
         }
     }
     for (int r = 0; r < mr; r++) vst1q_f32(out[r] + 4 * q, acc[r]);
 }
 
-static inline __attribute__((always_inline)) void panel_t(const int bits, const int group, const int f16,
-                                                           const int wide, const int mr, const uint8_t *w,
-                                                           int64_t ng, const Acts *a, int64_t m0, float out[][16]) {
-    for (int q = 0; q < 4; q++) quarter_t(bits, group, f16, wide, mr, w, ng, a, m0, out, q, q == 0 && m0 == 0);
+static inline __attribute__((always_inline)) void panel_t(const int bits, const int kind, const int z, const int sub,
+                                                           const int mr, const Fmt f, const uint8_t *w, int64_t ng,
+                                                           const Acts *a, int64_t m0, float out[][16], const int first) {
+    for (int q = 0; q < 4; q++) quarter_t(bits, kind, z, sub, mr, f, w, ng, a, m0, out, q, first && q == 0);
 }
-
-#define PANEL_MR(B, G, H, W) \
-    switch (mr) { \
-    case 1: panel_t(B, G, H, W, 1, w, ng, a, m0, out); break; \
-    case 2: panel_t(B, G, H, W, 2, w, ng, a, m0, out); break; \
-    case 3: panel_t(B, G, H, W, 3, w, ng, a, m0, out); break; \
-    default: panel_t(B, G, H, W, 4, w, ng, a, m0, out); break; \
-    }
 
 static void panel(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0, int mr, float out[][16]) {
-    if (f.bits == 4 && f.f16) PANEL_MR(4, 32, 1, 0)
-    else if (f.bits == 4) PANEL_MR(4, 32, 0, 0)
-    else if (f.wide) PANEL_MR(8, 32, 1, 1)
-    else if (f.group == 32 && f.f16) PANEL_MR(8, 32, 1, 0)
-    else if (f.group == 32) PANEL_MR(8, 32, 0, 0)
-    else PANEL_MR(8, 16, 0, 0)
+    FORMATS(PANEL_FMT)
 }
+
 #else
-static float scale_at(const uint8_t *p, int f16, int n) {
-    if (f16) return h2f(p + 2 * n);
-    float x;
-    memcpy(&x, p + 4 * n, 4);
-    return x;
+/* value i (0..31) of row n in a group's planes (see the layout above) */
+static inline int u_at(Fmt f, const uint8_t *ints, int n, int i) {
+    if (f.bits == 8) return ints[64 * (i / 4) + 4 * n + i % 4];
+    const int J = i / 4, ii = i % 4, byte = ints[64 * (J % 4) + 4 * n + ii];
+    int u = J < 4 ? byte & 0xF : byte >> 4;
+    if (f.bits == 5) u |= ((ints[256 + 4 * n + ii] >> J) & 1) << 4;
+    if (f.bits == 6) u |= ((ints[256 + 64 * (J / 4) + 4 * n + ii] >> 2 * (J % 4)) & 3) << 4;
+    return u;
 }
 
 static void panel(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0, int mr, float out[][16]) {
-    const int64_t gb = group_bytes(f), k = a->k;
-    const int sb = 16 * (f.f16 ? 2 : 4);
+    const int64_t k = a->k;
     for (int r = 0; r < mr; r++) {
         const int64_t row = m0 + r;
         for (int n = 0; n < 16; n++) out[r][n] = 0.f;
         for (int64_t g = 0; g < ng; g++) {
-            const uint8_t *blk = w + g * gb, *sc = blk + 16 * f.group * f.bits / 8;
-            const int64_t e = g * f.group;
-            const int8_t *qh = a->hi + row * k + e, *ql = a->lo + row * k + e;
-            float dx = a->d[row * (k / 32) + e / 32];
-            float sx = f.group == 16 ? a->sx16[row * (k / 16) + g] : a->sx32[row * (k / 32) + g];
-            for (int n = 0; n < 16; n++) {
-                int32_t dot = 0;
-                for (int i = 0; i < f.group; i++) {
-                    int u;
-                    if (f.bits == 4) {
-                        int j = i % 16, byte = blk[64 * (j / 4) + 4 * n + j % 4];
-                        u = i < 16 ? byte & 0xF : byte >> 4;
-                    } else {
-                        u = blk[64 * (i / 4) + 4 * n + i % 4];
-                    }
-                    dot += u * (256 * qh[i] + ql[i]);
+            const uint8_t *ints = group_ints(f, w, g), *sc = group_scales(f, w, g);
+            const int8_t *qh = a->hi + row * k + g * 32, *ql = a->lo + row * k + g * 32;
+            const float dx = a->d[row * (k / 32) + g];
+            for (int t = 0; t < 32 / f.sub; t++) {
+                const float sx = act_sum(a, row, g, f.sub, t);
+                for (int n = 0; n < 16; n++) {
+                    int32_t dot = 0;
+                    for (int i = t * f.sub; i < (t + 1) * f.sub; i++) dot += u_at(f, ints, n, i) * (256 * qh[i] + ql[i]);
+                    float s, m;
+                    lane_scales(f, sc, g, t, n, &s, &m);
+                    out[r][n] = fmaf((float)dot, s * dx, out[r][n]);
+                    out[r][n] = fmaf(m, sx, out[r][n]);
                 }
-                out[r][n] = fmaf((float)dot, scale_at(sc, f.f16, n) * dx, out[r][n]);
-                out[r][n] = fmaf(scale_at(sc + sb, f.f16, n), sx, out[r][n]);
             }
         }
     }
@@ -892,15 +1071,15 @@ int ember_qlinear(int nparts, const int *types, const void *const *data, const i
             int p = 0;
             while (pi >= first[p + 1]) p++;
             const Fmt f = fmt_of(types[p]);
-            const int64_t ng = K / f.group, n0 = (pi - first[p]) * 16;
+            const int64_t ng = K / 32, n0 = (pi - first[p]) * 16;
             const int nr = ns[p] - n0 < 16 ? (int)(ns[p] - n0) : 16;
-            const uint8_t *w = (const uint8_t *)data[p] + (pi - first[p]) * ng * group_bytes(f);
+            const uint8_t *w = (const uint8_t *)data[p] + (pi - first[p]) * panel_bytes(f, K);
             float out[16][16];
             for (int64_t m0 = 0; m0 < M;) {
                 int mr = M - m0 < MR ? (int)(M - m0) : MR;
 #ifdef EMBER_AMX
                 if (use_amx && M - m0 >= 16) {
-                    if (tiles != f.group) amx_configure(tiles = f.group);
+                    if (tiles != f.sub) amx_configure(tiles = f.sub);
                     panel_amx(f, w, ng, &a, m0, out);
                     mr = 16;
                 } else
