@@ -32,7 +32,7 @@ def test_fused_linear_matches_reference(qtype, pack):
 def test_mkl_packed_rows_do_not_depend_on_their_batch_on_avx512():
     """MKL's packed GEMM gives a row the same bits in any batch on AVX-512 (plain sgemm's one-row
     path differs in the last bit). On AVX2 MKL picks other kernels and it does not hold: the float
-    weights (F32/F16/BF16, and Q2_K/Q3_K, which are dequantized) are not batch-invariant there
+    weights (F32/F16/BF16, which are dequantized) are not batch-invariant there
     until cpu_gguf has a float kernel of its own."""
     from ember_cpu_gguf import native
 

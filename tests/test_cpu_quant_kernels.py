@@ -14,7 +14,7 @@ from ember_cpu_gguf.layer_ops import NativeLayerOps
 from ember_cpu_gguf.linear import QuantLinear
 
 LEGACY = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
-K_QUANTS = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
+K_QUANTS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 
 def kernels(variant=None):
@@ -43,6 +43,11 @@ def weight(qtype, rows, cols, seed):
 
         if qtype == Q.Q6_K:
             raw[:, :, 208:210] = halves(1e-3, 1e-2)  # d is the block's last field
+        elif qtype == Q.Q3_K:
+            raw[:, :, 108:110] = halves(1e-3, 1e-2)
+        elif qtype == Q.Q2_K:
+            raw[:, :, 80:82] = halves(1e-3, 1e-2)  # d, then dmin
+            raw[:, :, 82:84] = halves(0, 1e-2)
         else:
             raw[:, :, 0:2] = halves(1e-3, 1e-2)  # d
             raw[:, :, 2:4] = halves(0, 1e-2)  # dmin

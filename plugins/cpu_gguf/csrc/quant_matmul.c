@@ -55,16 +55,18 @@
 #endif
 
 /* GGML type ids (gguf.GGMLQuantizationType) */
-enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13,
+       T_Q6_K = 14 };
 
 static int block_bytes(int t) {
     switch (t) {
     case T_Q4_0: return 18; case T_Q4_1: return 20; case T_Q5_0: return 22; case T_Q5_1: return 24;
-    case T_Q8_0: return 34; case T_Q4_K: return 144; case T_Q5_K: return 176; case T_Q6_K: return 210;
+    case T_Q8_0: return 34; case T_Q2_K: return 84; case T_Q3_K: return 110; case T_Q4_K: return 144;
+    case T_Q5_K: return 176; case T_Q6_K: return 210;
     default: return 0;
     }
 }
-static int block_values(int t) { return t >= T_Q4_K ? 256 : 32; }
+static int block_values(int t) { return t >= T_Q2_K ? 256 : 32; }
 
 int ember_qmm_supported(int t) { return block_bytes(t) > 0; }
 int ember_qmm_vectorized(void) { return EMBER_VNNI || EMBER_AVX2 || EMBER_NEON; }
@@ -110,7 +112,7 @@ static int chunk_scalar(int t, const uint8_t *row, int64_t c, int half, uint8_t 
     int z = 0;
     memset(u, 0, 64);
     for (int g = 0; g < 4; g++) s[g] = m[g] = 0.f;
-    if (t < T_Q4_K) {
+    if (t < T_Q2_K) {
         for (int b = 0; b < (half ? 1 : 2); b++) {
             const uint8_t *p = row + (2 * c + b) * block_bytes(t);
             float d = h2f(p), mm = 0.f;
@@ -136,6 +138,16 @@ static int chunk_scalar(int t, const uint8_t *row, int64_t c, int half, uint8_t 
     }
     const uint8_t *p = row + (c / 4) * block_bytes(t);
     int j = (int)(c % 4);
+    if (t == T_Q2_K || t == T_Q3_K) { /* value v of the block: bits 2s of byte 32h + l, v = 128h + 32s + l */
+        const uint8_t *qs = p + (t == T_Q2_K ? 16 : 32), *hmask = p;
+        for (int i = 0; i < 64; i++) {
+            const int v = 64 * j + i, h = v / 128, sh = (v % 128) / 32, l = v % 32;
+            int q = (qs[32 * h + l] >> (2 * sh)) & 3;
+            if (t == T_Q3_K) q |= ((hmask[l] >> (v / 32)) & 1) << 2; /* u = q + 4 * bit: w = s * (u - 4) */
+            u[i] = (uint8_t)q;
+        }
+        return 0;
+    }
     if (t == T_Q6_K) {
         const uint8_t *ql = p + 64 * (j / 2), *qh = p + 128 + 32 * (j / 2);
         const int8_t *sc = (const int8_t *)(p + 192) + 8 * (j / 2) + 4 * (j % 2);
@@ -177,18 +189,22 @@ static int chunk_scalar(int t, const uint8_t *row, int64_t c, int half, uint8_t 
  *   high plane, 1 bit (5-bit types): 1 vector, bit t of byte 4n+i = bit 4 of u[n][4t+i];
  *   high plane, 2 bits (Q6_K): 2 vectors, bits 2t..2t+1 of byte 4n+i of vector p = bits 4..5 of
  *       u[n][4(4p+t)+i];
- *   byte plane (Q8_0): 8 vectors, byte 4n+i of vector j = u[n][4j+i].
+ *   byte plane (Q8_0): 8 vectors, byte 4n+i of vector j = u[n][4j+i];
+ *   2-bit plane (Q2_K, Q3_K): 2 vectors, bits 2t..2t+1 of byte 4n+i of vector p = bits 0..1 of
+ *       u[n][4(4p+t)+i], then for Q3_K a 1-bit plane of bit 2 as the 5-bit types' high plane.
  * Scales, per format:
  *   legacy (Q4_0 .. Q8_0), after each group's integers: 16 float16 s[n], then for Q4_1 and Q5_1 16
  *       float16 minimums m[n]; the zero-point types' m = -z s is computed, not stored;
  *   Q4_K and Q5_K, after each super-block's 8 groups: the file's 12 scale bytes of each row,
  *       transposed (byte b of row n at 16b + n), then 16 float16 d, then 16 float16 dmin: the
  *       kernels unpack the 6-bit scales and minimums as the file's readers do;
- *   Q6_K, after each super-block: its 16 int8 scales per row, transposed, then 16 float16 d.
+ *   Q6_K, after each super-block: its 16 int8 scales per row, transposed, then 16 float16 d;
+ *   Q2_K: its 16 scale bytes (4-bit scale, 4-bit minimum) per row, transposed, then d and dmin;
+ *   Q3_K: its 12 bytes of 6-bit scales per row, transposed, then d (the zero point is 4).
  * The floats the kernels compute from these (s = d * sc, m = -(dmin * mn), m = 0 - z * s) are the
  * same operations the file's dequantization makes, so every path multiplies the same numbers.
  * ------------------------------------------------------------------------------------------- */
-enum { SC_F16, SC_F16Z, SC_K4, SC_K6 };
+enum { SC_F16, SC_F16Z, SC_K4, SC_K6, SC_K2, SC_K3 };
 typedef struct {
     int bits; /* 4, 5, 6 or 8 */
     int scales; /* SC_*: how s and m are stored */
@@ -205,18 +221,22 @@ static Fmt fmt_of(int t) {
     case T_Q8_0: return (Fmt){8, SC_F16Z, 128, 32};
     case T_Q4_K: return (Fmt){4, SC_K4, 0, 32};
     case T_Q5_K: return (Fmt){5, SC_K4, 0, 32};
+    case T_Q2_K: return (Fmt){2, SC_K2, 0, 16};
+    case T_Q3_K: return (Fmt){3, SC_K3, 4, 16};
     default: return (Fmt){6, SC_K6, 32, 16}; /* Q6_K */
     }
 }
-static int is_k(Fmt f) { return f.scales == SC_K4 || f.scales == SC_K6; }
+static int is_k(Fmt f) { return f.scales >= SC_K4; }
 /* bytes of one group's integers for 16 rows */
-static int64_t int_bytes(Fmt f) { return f.bits == 8 ? 512 : 256 + 64 * (f.bits - 4); }
+static int64_t int_bytes(Fmt f) { return f.bits == 8 ? 512 : f.bits >= 4 ? 256 + 64 * (f.bits - 4) : 128 + 64 * (f.bits - 2); }
 /* bytes of a legacy group's scales, or a super-block's */
 static int64_t scale_bytes(Fmt f) {
     switch (f.scales) {
     case SC_F16: return 64;
     case SC_F16Z: return 32;
     case SC_K4: return 16 * 12 + 64;
+    case SC_K2: return 16 * 16 + 64;
+    case SC_K3: return 16 * 12 + 32;
     default: return 16 * 16 + 32;
     }
 }
@@ -264,6 +284,12 @@ int ember_repack(int t, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, 
                     if (f.bits == 8) {
                         for (int j = 0; j < 8; j++)
                             for (int i = 0; i < 4; i++) ints[64 * j + 4 * n + i] = uu[4 * j + i];
+                    } else if (f.bits < 4) {
+                        for (int J = 0; J < 8; J++)
+                            for (int i = 0; i < 4; i++) {
+                                ints[64 * (J / 4) + 4 * n + i] |= (uint8_t)((uu[4 * J + i] & 3) << 2 * (J % 4));
+                                if (f.bits == 3) ints[128 + 4 * n + i] |= (uint8_t)(((uu[4 * J + i] >> 2) & 1) << J);
+                            }
                     } else {
                         for (int j = 0; j < 4; j++)
                             for (int i = 0; i < 4; i++)
@@ -290,6 +316,13 @@ int ember_repack(int t, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, 
                     for (int b = 0; b < 12; b++) sc[16 * b + n] = blk[4 + b];
                     memcpy(sc + 192 + 2 * n, blk, 2);
                     memcpy(sc + 224 + 2 * n, blk + 2, 2);
+                } else if (f.scales == SC_K2) {
+                    for (int b = 0; b < 16; b++) sc[16 * b + n] = blk[b];
+                    memcpy(sc + 256 + 2 * n, blk + 80, 2);
+                    memcpy(sc + 288 + 2 * n, blk + 82, 2);
+                } else if (f.scales == SC_K3) {
+                    for (int b = 0; b < 12; b++) sc[16 * b + n] = blk[96 + b];
+                    memcpy(sc + 192 + 2 * n, blk + 108, 2);
                 } else {
                     for (int b = 0; b < 16; b++) sc[16 * b + n] = blk[192 + b];
                     memcpy(sc + 256 + 2 * n, blk + 208, 2);
@@ -313,6 +346,20 @@ static inline void lane_scales(Fmt f, const uint8_t *sc, int64_t g, int half, in
         k4_scale_min((int)(g % 8), q, &scv, &mv);
         *s = h2f(sc + 192 + 2 * n) * (float)scv;
         *m = -(h2f(sc + 224 + 2 * n) * (float)mv);
+        break;
+    }
+    case SC_K2: {
+        const int b = sc[16 * (2 * (g % 8) + half) + n];
+        *s = h2f(sc + 256 + 2 * n) * (float)(b & 15);
+        *m = -(h2f(sc + 288 + 2 * n) * (float)(b >> 4));
+        break;
+    }
+    case SC_K3: {
+        const int j = (int)(2 * (g % 8) + half);
+        const int lo = j < 8 ? sc[16 * j + n] & 15 : sc[16 * (j - 8) + n] >> 4;
+        const int hi = (sc[16 * (8 + j % 4) + n] >> (2 * (j / 4))) & 3;
+        *s = h2f(sc + 192 + 2 * n) * (float)((lo | hi << 4) - 32);
+        *m = 0.f - (float)f.z * *s;
         break;
     }
     default: /* SC_K6 */
@@ -486,6 +533,8 @@ static inline float act_sum(const Acts *a, int64_t row, int64_t g, int sub, int 
     else if (f.bits == 8) X(8, SC_F16Z, 128, 32) \
     else if (f.bits == 4) X(4, SC_K4, 0, 32) \
     else if (f.bits == 5) X(5, SC_K4, 0, 32) \
+    else if (f.bits == 2) X(2, SC_K2, 0, 16) \
+    else if (f.bits == 3) X(3, SC_K3, 4, 16) \
     else X(6, SC_K6, 32, 16)
 
 #define PANEL_FMT(B, KIND, Z, SUB) \
@@ -509,6 +558,19 @@ static inline __attribute__((always_inline)) void ints16(const int bits, const u
     const __m512i lo4 = _mm512_set1_epi8(0x0F);
     if (bits == 8) {
         for (int j = 0; j < 8; j++) v[j] = _mm512_loadu_si512(ints + 64 * j);
+        return;
+    }
+    if (bits < 4) {
+        const __m512i three = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
+        for (int p = 0; p < 2; p++) {
+            const __m512i t = _mm512_loadu_si512(ints + 64 * p);
+            for (int i = 0; i < 4; i++) v[4 * p + i] = _mm512_and_si512(_mm512_srli_epi16(t, 2 * i), three);
+        }
+        if (bits == 3) {
+            const __m512i h = _mm512_loadu_si512(ints + 128);
+            for (int J = 0; J < 8; J++)
+                v[J] = _mm512_or_si512(v[J], _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h, J), one), 2));
+        }
         return;
     }
     for (int j = 0; j < 4; j++) {
@@ -537,6 +599,7 @@ static inline __m512 bytes_to_ps(const uint8_t *p, int is_signed) {
 static inline __m512 h16(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 
 /* lane_scales for all 16 rows at once */
+#define QB(b) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16 * (b))))
 static inline __attribute__((always_inline)) void scales16(const int kind, const int z, const uint8_t *sc, int64_t g,
                                                            int t, __m512 *s, __m512 *m) {
     if (kind == SC_F16) {
@@ -549,7 +612,6 @@ static inline __attribute__((always_inline)) void scales16(const int kind, const
         const int j = (int)(g % 8);
         __m512i scv, mv;
         const __m512i m63 = _mm512_set1_epi32(63), m15 = _mm512_set1_epi32(15);
-#define QB(b) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16 * (b))))
         if (j < 4) {
             scv = _mm512_and_si512(QB(j), m63);
             mv = _mm512_and_si512(QB(j + 4), m63);
@@ -558,14 +620,25 @@ static inline __attribute__((always_inline)) void scales16(const int kind, const
             scv = _mm512_or_si512(_mm512_and_si512(qa, m15), _mm512_slli_epi32(_mm512_srli_epi32(QB(j - 4), 6), 4));
             mv = _mm512_or_si512(_mm512_srli_epi32(qa, 4), _mm512_slli_epi32(_mm512_srli_epi32(QB(j), 6), 4));
         }
-#undef QB
         *s = _mm512_mul_ps(h16(sc + 192), _mm512_cvtepi32_ps(scv));
         *m = _mm512_xor_ps(_mm512_mul_ps(h16(sc + 224), _mm512_cvtepi32_ps(mv)), _mm512_set1_ps(-0.0f));
+    } else if (kind == SC_K2) {
+        const __m512i b = QB(2 * (g % 8) + t);
+        *s = _mm512_mul_ps(h16(sc + 256), _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))));
+        *m = _mm512_xor_ps(_mm512_mul_ps(h16(sc + 288), _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4))), _mm512_set1_ps(-0.0f));
+    } else if (kind == SC_K3) {
+        const int j = (int)(2 * (g % 8) + t);
+        const __m512i lo = j < 8 ? _mm512_and_si512(QB(j), _mm512_set1_epi32(15)) : _mm512_srli_epi32(QB(j - 8), 4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(QB(8 + j % 4), 2 * (j / 4)), _mm512_set1_epi32(3));
+        const __m512i scv = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
+        *s = _mm512_mul_ps(h16(sc + 192), _mm512_cvtepi32_ps(scv));
+        *m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_set1_ps((float)z), *s));
     } else {
         *s = _mm512_mul_ps(h16(sc + 256), bytes_to_ps(sc + 16 * (2 * (g % 8) + t), 1));
         *m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_set1_ps((float)z), *s));
     }
 }
+#undef QB
 
 /* One panel (16 output rows) against rows m0 .. m0+mr-1. The format and mr are constants after
  * inlining: each gets its own loop. */
@@ -723,6 +796,19 @@ static inline __attribute__((always_inline)) void ints8(const int bits, const ui
         for (int j = 0; j < 8; j++) v[j] = _mm256_xor_si256(LD(64 * j), _mm256_set1_epi8((char)0x80));
         return;
     }
+    if (bits < 4) {
+        const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+        for (int p = 0; p < 2; p++) {
+            const __m256i t = LD(64 * p);
+            for (int i = 0; i < 4; i++) v[4 * p + i] = _mm256_and_si256(_mm256_srli_epi16(t, 2 * i), three);
+        }
+        if (bits == 3) {
+            const __m256i hb = LD(128);
+            for (int J = 0; J < 8; J++)
+                v[J] = _mm256_or_si256(v[J], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, J), one), 2));
+        }
+        return;
+    }
     for (int j = 0; j < 4; j++) {
         const __m256i t = LD(64 * j);
         v[j] = _mm256_and_si256(t, lo4);
@@ -750,6 +836,7 @@ static inline __m256i b8(const uint8_t *p, int is_signed) {
 }
 
 /* lane_scales for rows 8h .. 8h+7 */
+#define QB(b) b8(sc + 16 * (b) + 8 * h, 0)
 static inline __attribute__((always_inline)) void scales8(const int kind, const int z, const uint8_t *sc, int64_t g,
                                                           int t, int h, __m256 *s, __m256 *m) {
     if (kind == SC_F16) {
@@ -762,7 +849,6 @@ static inline __attribute__((always_inline)) void scales8(const int kind, const 
         const int j = (int)(g % 8);
         const __m256i m63 = _mm256_set1_epi32(63), m15 = _mm256_set1_epi32(15);
         __m256i scv, mv;
-#define QB(b) b8(sc + 16 * (b) + 8 * h, 0)
         if (j < 4) {
             scv = _mm256_and_si256(QB(j), m63);
             mv = _mm256_and_si256(QB(j + 4), m63);
@@ -771,21 +857,33 @@ static inline __attribute__((always_inline)) void scales8(const int kind, const 
             scv = _mm256_or_si256(_mm256_and_si256(qa, m15), _mm256_slli_epi32(_mm256_srli_epi32(QB(j - 4), 6), 4));
             mv = _mm256_or_si256(_mm256_srli_epi32(qa, 4), _mm256_slli_epi32(_mm256_srli_epi32(QB(j), 6), 4));
         }
-#undef QB
         *s = _mm256_mul_ps(h8(sc + 192 + 16 * h), _mm256_cvtepi32_ps(scv));
         *m = _mm256_xor_ps(_mm256_mul_ps(h8(sc + 224 + 16 * h), _mm256_cvtepi32_ps(mv)), _mm256_set1_ps(-0.0f));
+    } else if (kind == SC_K2) {
+        const __m256i b = QB(2 * (g % 8) + t);
+        *s = _mm256_mul_ps(h8(sc + 256 + 16 * h), _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15))));
+        *m = _mm256_xor_ps(_mm256_mul_ps(h8(sc + 288 + 16 * h), _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4))),
+                           _mm256_set1_ps(-0.0f));
+    } else if (kind == SC_K3) {
+        const int j = (int)(2 * (g % 8) + t);
+        const __m256i lo = j < 8 ? _mm256_and_si256(QB(j), _mm256_set1_epi32(15)) : _mm256_srli_epi32(QB(j - 8), 4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi32(QB(8 + j % 4), 2 * (j / 4)), _mm256_set1_epi32(3));
+        const __m256i scv = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
+        *s = _mm256_mul_ps(h8(sc + 192 + 16 * h), _mm256_cvtepi32_ps(scv));
+        *m = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(_mm256_set1_ps((float)z), *s));
     } else {
         *s = _mm256_mul_ps(h8(sc + 256 + 16 * h), _mm256_cvtepi32_ps(b8(sc + 16 * (2 * (g % 8) + t) + 8 * h, 1)));
         *m = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(_mm256_set1_ps((float)z), *s));
     }
 }
+#undef QB
 
 /* Half h of one panel (output rows 8h .. 8h+7) against activation rows m0 .. m0+mr-1: the VNNI
  * path's integer dot per (row, group), then its two FMAs, lane for lane.
  *
  * vpmaddubsw multiplies unsigned weight bytes by signed activation bytes and adds neighbours into
  * int16 with saturation, so each format is arranged to never saturate, keeping the sums exact:
- *   4-bit (u <= 15): |pair| <= 2 * 15 * 127 = 3810, and a group's eight vectors sum to at most
+ *   2- to 4-bit (u <= 15): |pair| <= 2 * 15 * 127 = 3810, and a group's eight vectors sum to at most
  *       30480 in int16 before one vpmaddwd (by 256 for hi, 1 for lo) takes them to int32;
  *   5- and 6-bit (u <= 63): |pair| <= 16002, two vectors summed in int16 at a time;
  *   Q8_0 (u = q + 128 up to 255): the product is taken as |q| * (a * sign q), both within range
@@ -813,9 +911,10 @@ static inline __attribute__((always_inline)) void half_t(const int bits, const i
                 const int64_t row = m0 + r, e = g * 32;
                 const int8_t *qh = a->hi + row * k + e, *ql = a->lo + row * k + e;
                 __m256i dot;
-                if (bits == 4) {
-                    __m256i ph = _mm256_maddubs_epi16(v[0], bcast4(qh)), pl = _mm256_maddubs_epi16(v[0], bcast4(ql));
-                    for (int j = 1; j < 8; j++) {
+                if (bits <= 4) {
+                    __m256i ph = _mm256_maddubs_epi16(v[j0], bcast4(qh + 4 * j0));
+                    __m256i pl = _mm256_maddubs_epi16(v[j0], bcast4(ql + 4 * j0));
+                    for (int j = j0 + 1; j < j1; j++) {
                         ph = _mm256_add_epi16(ph, _mm256_maddubs_epi16(v[j], bcast4(qh + 4 * j)));
                         pl = _mm256_add_epi16(pl, _mm256_maddubs_epi16(v[j], bcast4(ql + 4 * j)));
                     }
@@ -867,6 +966,19 @@ static inline __attribute__((always_inline)) void ints4(const int bits, const ui
         return;
     }
     uint8x16_t u[8];
+    if (bits < 4) {
+        for (int p = 0; p < 2; p++) {
+            const uint8x16_t t = vld1q_u8(ints + 64 * p + 16 * q);
+            for (int i = 0; i < 4; i++) u[4 * p + i] = vandq_u8(vshlq_u8(t, vdupq_n_s8((int8_t)(-2 * i))), vdupq_n_u8(3));
+        }
+        if (bits == 3) {
+            const uint8x16_t hb = vld1q_u8(ints + 128 + 16 * q);
+            for (int J = 0; J < 8; J++)
+                u[J] = vorrq_u8(u[J], vshlq_n_u8(vandq_u8(vshlq_u8(hb, vdupq_n_s8((int8_t)-J)), vdupq_n_u8(1)), 2));
+        }
+        for (int j = 0; j < 8; j++) v[j] = vreinterpretq_s8_u8(u[j]);
+        return;
+    }
     for (int j = 0; j < 4; j++) {
         const uint8x16_t t = vld1q_u8(ints + 64 * j + 16 * q);
         u[j] = vandq_u8(t, vdupq_n_u8(0x0F));
@@ -894,6 +1006,7 @@ static inline uint32x4_t b4(const uint8_t *p) {
 }
 
 /* lane_scales for rows 4q .. 4q+3 */
+#define QB(b) b4(sc + 16 * (b) + 4 * q)
 static inline __attribute__((always_inline)) void scales4(const int kind, const int z, const uint8_t *sc, int64_t g,
                                                           int t, int q, float32x4_t *s, float32x4_t *m) {
     if (kind == SC_F16) {
@@ -905,7 +1018,6 @@ static inline __attribute__((always_inline)) void scales4(const int kind, const 
     } else if (kind == SC_K4) {
         const int j = (int)(g % 8);
         uint32x4_t scv, mv;
-#define QB(b) b4(sc + 16 * (b) + 4 * q)
         if (j < 4) {
             scv = vandq_u32(QB(j), vdupq_n_u32(63));
             mv = vandq_u32(QB(j + 4), vdupq_n_u32(63));
@@ -914,9 +1026,19 @@ static inline __attribute__((always_inline)) void scales4(const int kind, const 
             scv = vorrq_u32(vandq_u32(qa, vdupq_n_u32(15)), vshlq_n_u32(vshrq_n_u32(QB(j - 4), 6), 4));
             mv = vorrq_u32(vshrq_n_u32(qa, 4), vshlq_n_u32(vshrq_n_u32(QB(j), 6), 4));
         }
-#undef QB
         *s = vmulq_f32(h4(sc + 192 + 8 * q), vcvtq_f32_u32(scv));
         *m = vnegq_f32(vmulq_f32(h4(sc + 224 + 8 * q), vcvtq_f32_u32(mv)));
+    } else if (kind == SC_K2) {
+        const uint32x4_t b = QB(2 * (g % 8) + t);
+        *s = vmulq_f32(h4(sc + 256 + 8 * q), vcvtq_f32_u32(vandq_u32(b, vdupq_n_u32(15))));
+        *m = vnegq_f32(vmulq_f32(h4(sc + 288 + 8 * q), vcvtq_f32_u32(vshrq_n_u32(b, 4))));
+    } else if (kind == SC_K3) {
+        const int j = (int)(2 * (g % 8) + t);
+        const uint32x4_t lo = j < 8 ? vandq_u32(QB(j), vdupq_n_u32(15)) : vshrq_n_u32(QB(j - 8), 4);
+        const uint32x4_t hi = vandq_u32(vshlq_u32(QB(8 + j % 4), vdupq_n_s32(-2 * (j / 4))), vdupq_n_u32(3));
+        const int32x4_t scv = vsubq_s32(vreinterpretq_s32_u32(vorrq_u32(lo, vshlq_n_u32(hi, 4))), vdupq_n_s32(32));
+        *s = vmulq_f32(h4(sc + 192 + 8 * q), vcvtq_f32_s32(scv));
+        *m = vsubq_f32(vdupq_n_f32(0.f), vmulq_f32(vdupq_n_f32((float)z), *s));
     } else {
         int8_t b[4];
         memcpy(b, sc + 16 * (2 * (g % 8) + t) + 4 * q, 4);
@@ -925,6 +1047,7 @@ static inline __attribute__((always_inline)) void scales4(const int kind, const 
         *m = vsubq_f32(vdupq_n_f32(0.f), vmulq_f32(vdupq_n_f32((float)z), *s));
     }
 }
+#undef QB
 
 /* Quarter q of one panel (output rows 4q .. 4q+3): the VNNI path's integer dot per (row, group),
  * then its two FMAs, lane for lane. sdot multiplies signed bytes: weights up to 63 are taken as
@@ -983,6 +1106,12 @@ static void panel(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0
 /* value i (0..31) of row n in a group's planes (see the layout above) */
 static inline int u_at(Fmt f, const uint8_t *ints, int n, int i) {
     if (f.bits == 8) return ints[64 * (i / 4) + 4 * n + i % 4];
+    if (f.bits < 4) {
+        const int J = i / 4, ii = i % 4;
+        int u = (ints[64 * (J / 4) + 4 * n + ii] >> 2 * (J % 4)) & 3;
+        if (f.bits == 3) u |= ((ints[128 + 4 * n + ii] >> J) & 1) << 2;
+        return u;
+    }
     const int J = i / 4, ii = i % 4, byte = ints[64 * (J % 4) + 4 * n + ii];
     int u = J < 4 ? byte & 0xF : byte >> 4;
     if (f.bits == 5) u |= ((ints[256 + 4 * n + ii] >> J) & 1) << 4;
