@@ -16,12 +16,18 @@ Two cases, as issue #5 asks of the GPU backends:
 It runs on any backend: on the CPU, with smaller cases, it measures cpu_gguf the same way
 (``--device cpu --num-seqs 16 --input-len 16:64 --output-len 16:64``). The bandwidth is the card's
 data-sheet figure where the name is known, and is also measured (a read of a 1 GiB buffer).
+
+A dummy model's random weights are drawn by --prefetch-threads threads ahead of the loader (the
+same values: each tensor has its own seed), so an 8B model loads in seconds, not the minutes one
+core takes to draw 8 billion values. The JSON is written once ember's figures are in, and again
+with transformers', so a baseline that fails (its error is recorded) never loses them.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -74,13 +80,47 @@ def _free(device: str) -> None:
 
 # ------------------------------------------------------------------------------------- ember
 
+def prefetch_dummy_weights(threads: int):
+    """Draw each dummy weight in a pool of threads as soon as the model's weights are listed, in
+    the order the loader reads them (numpy draws and masks with the GIL released). A weight the
+    loader reaches before its thread is done is drawn twice, to the same values. Returns a
+    function that puts the loader back and stops the pool."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ember.dummy as dummy
+
+    make = dummy.dummy_weights
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="dummy-weights")
+
+    def dummy_weights(*args, **kwargs):
+        weights = make(*args, **kwargs)
+        for w in weights.values():
+            pool.submit(lambda w=w: w.data is None)  # the array stays with its weight, not the future
+        return weights
+
+    dummy.dummy_weights = dummy_weights
+
+    def stop():
+        dummy.dummy_weights = make
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    return stop
+
+
 def bench_ember(args):
     from ember.llm import LLM
 
+    stop = None
+    if is_dummy(args.model) and args.prefetch_threads > 1:
+        stop = prefetch_dummy_weights(args.prefetch_threads)
     t = time.perf_counter()
-    llm = LLM(args.model, device=args.device, threads=args.threads, dtype=args.dtype,
-              max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=args.gpu_memory_utilization, eager=args.eager)
+    try:
+        llm = LLM(args.model, device=args.device, threads=args.threads, dtype=args.dtype,
+                  max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+                  gpu_memory_utilization=args.gpu_memory_utilization, eager=args.eager)
+    finally:
+        if stop is not None:
+            stop()
     load_s = time.perf_counter() - t
     engine = llm.engine
     out = {"backend": engine.backend_info.name, "load_s": round(load_s, 2),
@@ -91,8 +131,16 @@ def bench_ember(args):
     if args.num_seqs:
         out["batch"] = throughput(llm, args.num_seqs, args.input_len, args.output_len, seed=args.seed)
     cfg, device, tokenizer = engine.model_config, engine.backend.device, engine.tokenizer
+    stats = engine.backend.memory_stats()
     del engine, llm
     _free(device)
+    if str(device).startswith("cuda"):
+        import torch
+
+        # what the baseline then has to share the card with (a leak would show here)
+        out["memory_GiB"] = {"kv_cache": round(stats.get("kv_cache_bytes", 0) / 2**30, 2),
+                             "peak_allocated": round(stats.get("peak_allocated_bytes", 0) / 2**30, 2),
+                             "allocated_after_release": round(torch.cuda.memory_allocated() / 2**30, 3)}
     return out, cfg, device, tokenizer
 
 
@@ -193,6 +241,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--prefetch-threads", type=int, default=min(16, os.cpu_count() or 1),
+                   help="threads drawing a dummy model's weights ahead of the loader (1: none)")
     p.add_argument("--json", default=None, help="write the results here too")
     args = p.parse_args(argv)
 
@@ -216,10 +266,17 @@ def main(argv=None) -> int:
         roof.update({"spec_GBps": spec / 1e9, "roofline_tok_s_spec": round(spec / step_bytes, 1),
                      "share_of_spec": round(decode * step_bytes / spec, 3)})
     result = {"model": args.model, "device": name, "date": time.strftime("%Y-%m-%d"),
-              "config": asdict(cfg), "ember": ember, "roofline": roof, "args": {
+              "versions": _versions(), "config": asdict(cfg), "ember": ember, "roofline": roof, "args": {
                   k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+    _write(result, args.json)
     if not args.skip_hf:
-        hf = bench_hf(args, cfg, device, tokenizer.vocab_size, set(tokenizer.stop_token_ids))
+        try:
+            hf = bench_hf(args, cfg, device, tokenizer.vocab_size, set(tokenizer.stop_token_ids))
+        except Exception as e:  # noqa: BLE001 - ember's figures stand; say why the baseline has none
+            result["transformers_error"] = f"{type(e).__name__}: {e}"
+            _write(result, args.json)
+            print(f"the transformers baseline failed: {result['transformers_error']}", file=sys.stderr)
+            return 1
         result["transformers"] = hf
         result["ratios"] = {"single_decode": round(decode / hf["single"]["decode_tok_s"], 2)}
         if args.num_seqs:
@@ -227,12 +284,30 @@ def main(argv=None) -> int:
                 ember["batch"]["total_tok_s"] / hf["batch"]["total_tok_s"], 2)
             result["ratios"]["throughput_output"] = round(
                 ember["batch"]["output_tok_s"] / hf["batch"]["output_tok_s"], 2)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        _write(result, args.json)
+    print(json.dumps(result, indent=2))
     return 0
+
+
+def _write(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(json.dumps(result, indent=2) + "\n")
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "triton", "transformers", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    import torch
+
+    out["cuda"] = torch.version.cuda
+    return out
 
 
 def _cpu_name() -> str:

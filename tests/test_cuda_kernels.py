@@ -22,10 +22,10 @@ from gguf import GGMLQuantizationType as Q, quants as gguf_quants  # noqa: E402
 from ember.backend import AttentionMetadata  # noqa: E402
 from ember.gguf import quants  # noqa: E402
 from ember.ops import reference  # noqa: E402
+from ember.testing.conformance import random_weight  # noqa: E402
 from ember_cuda.kernels import dequant, paged_attention as pa  # noqa: E402
 from ember_cuda.kernels.kv_write import launch_config as kv_write_config, write_kv  # noqa: E402
 from ember_cuda.kernels.launch import describe  # noqa: E402
-from test_cpu_quant_kernels import weight  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KV_HEADS = 2
@@ -227,7 +227,7 @@ def test_dequantize_equals_reference(qtype, dtype):
     gpu = dequant.launch_config(dataclasses.replace(describe(DEVICE), vendor="nvidia"), qtype)
     shapes = [(9, 256), (70, 512)] + ([(7, 96)] if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0) else [])
     for (rows, cols), config in itertools.product(shapes, [None, gpu]):
-        w = weight(qtype, rows, cols, rows)
+        w = random_weight(qtype.name, rows, cols, np.random.default_rng(rows))
         want = quants.dequantize(w.data, qtype, w.shape)
         got = dequant.dequantize(torch.from_numpy(w.data).to(DEVICE), qtype, w.shape, dtype=dtype, config=config)
         assert torch.equal(got.cpu(), want.to(dtype)), (rows, cols, config)

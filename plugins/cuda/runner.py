@@ -32,6 +32,34 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+def profile_step(max_tokens: int, max_seqs: int, max_len: int, block_size: int, device):
+    """The largest step the engine may schedule, as the profiling pass runs it: max_tokens new
+    tokens (the per-step budget) as fresh prompts of at most max_len tokens each, at most
+    max_seqs of them, over a throwaway pool of exactly the blocks they need (block 0 left unused,
+    as in the engine's pools). Returns (token ids, positions, AttentionMetadata, blocks)."""
+    tokens = max(1, min(max_tokens, max_seqs * max_len))
+    lens = [max_len] * (tokens // max_len) + ([tokens % max_len] if tokens % max_len else [])
+    tables, slots, next_block = [], [], 1
+    for n in lens:
+        row = list(range(next_block, next_block + -(-n // block_size)))
+        next_block += len(row)
+        tables.append(row)
+        slots += [row[p // block_size] * block_size + p % block_size for p in range(n)]
+    width = max(len(r) for r in tables)
+    table = torch.tensor([r + [0] * (width - len(r)) for r in tables], dtype=torch.long, device=device)
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device), block_tables=table,
+        seq_lens=torch.tensor(lens, dtype=torch.long, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.long, device=device),
+        query_lens_list=lens, seq_lens_list=list(lens), block_size=block_size)
+    positions = torch.cat([torch.arange(n, dtype=torch.long, device=device) for n in lens])
+    ids = torch.zeros(tokens, dtype=torch.long, device=device)
+    return ids, positions, meta, next_block
+
+
 def kv_budget(total: int, utilization: float, peak_torch: int, non_torch: int) -> int:
     """Bytes for the KV pool: the utilization share of the device, less the profiled peak of
     torch's allocator (weights and the largest step's activations) and what others hold."""
@@ -53,24 +81,17 @@ class CudaModelRunner(TorchModelRunner):
         if self.device.type != "cuda":
             return  # the interpreter on host memory: the backend's host-memory budget stands
         opts, cfg, dev = self.backend.options, self.cfg, self.device
-        tokens = max(1, min(opts.max_num_batched_tokens, cfg.context_length))
-        blocks = -(-tokens // self.block_size) + 1  # block 0 left unused, as in the engine's pools
+        ids, positions, meta, blocks = profile_step(opts.max_num_batched_tokens, opts.max_num_seqs,
+                                                    cfg.context_length, self.block_size, dev)
         spec = KVCacheSpec(cfg.num_layers, blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
                            self.backend.kv_cache_dtype())
+        tokens = len(positions)
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         pool = self.backend.allocate_kv_cache(spec)
         pool_bytes = spec.bytes_per_block() * blocks
         with torch.inference_mode():
-            ids = torch.zeros(tokens, dtype=torch.long, device=dev)
-            positions = torch.arange(tokens, device=dev)
-            table = torch.arange(1, blocks, device=dev).unsqueeze(0)
-            meta = AttentionMetadata(
-                slot_mapping=positions + self.block_size, block_tables=table,
-                seq_lens=torch.tensor([tokens], device=dev),
-                query_start_loc=torch.tensor([0, tokens], device=dev),
-                query_lens_list=[tokens], seq_lens_list=[tokens], block_size=self.block_size)
             hidden = self.model.forward(ids, positions, pool, meta)
             # the sampler's worst case: a full sort of every sampling row's logits
             rows = min(tokens, opts.max_num_seqs)
@@ -83,9 +104,9 @@ class CudaModelRunner(TorchModelRunner):
         free, total = torch.cuda.mem_get_info(dev)
         non_torch = max(0, total - free - torch.cuda.memory_reserved(dev))
         budget = kv_budget(total, opts.memory_utilization, peak, non_torch)
-        log.info("profiled a %d-token step: peak %.2f GiB in torch (weights and activations), %.2f GiB "
-                 "outside it; %.2f GiB left for the KV cache at utilization %.2f", tokens, peak / 2**30,
-                 non_torch / 2**30, budget / 2**30, opts.memory_utilization)
+        log.info("profiled a %d-token step of %d sequences: peak %.2f GiB in torch (weights and activations), "
+                 "%.2f GiB outside it; %.2f GiB left for the KV cache at utilization %.2f", tokens, meta.num_seqs,
+                 peak / 2**30, non_torch / 2**30, budget / 2**30, opts.memory_utilization)
         if budget < spec.bytes_per_block():
             raise MemoryError(f"no memory left for the KV cache: {total / 2**30:.1f} GiB x {opts.memory_utilization} "
                               f"utilization, less {peak / 2**30:.1f} GiB for weights and activations and "
@@ -125,7 +146,10 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(top, dtype=torch.long, device=dev)
         self.starts = torch.arange(top + 1, dtype=torch.long, device=dev)
         dtype = runner.kv_caches[0][0].dtype
-        config = decode_config(_spec(dev), cfg.head_dim, cfg.num_heads // cfg.num_kv_heads, dtype)
+        # the attention's own settings (a backend's tiles over the device's defaults): the split
+        # length the captured launches use is the one the workspace is sized by
+        config = {**decode_config(_spec(dev), cfg.head_dim, cfg.num_heads // cfg.num_kv_heads, dtype),
+                  **runner.model.attn.tiles.get("decode", {})}
         self.workspace = decode_workspace(top, cfg.num_heads, cfg.head_dim,
                                           decode_splits(cfg.context_length, config), dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
