@@ -1,4 +1,6 @@
-"""cpu_gguf's paged attention against the core's float64 reference, over ragged batches."""
+"""cpu_gguf's paged attention against the core's float64 reference, over ragged batches, on every
+ISA build this CPU runs (each skips with the reason where the CPU lacks it), and the builds against
+each other bit for bit."""
 import ctypes
 import random
 
@@ -94,10 +96,36 @@ def test_one_sequence_splits_its_query_heads_over_threads(heads, kv_heads, dtype
 # The prefill kernel on its own, called as a torch-free runner would: raw cache contents, block
 # tables and row offsets, against float64 attention over the same (float32 or float16) cache values.
 
+def runnable_or_skip(variant):
+    ok, why = native.runnable(variant)
+    if not ok:
+        pytest.skip(f"{variant}: {why}")
+
+
 def paged_prefill_or_skip(dtype, variant):
+    runnable_or_skip(variant)
     fn = native.paged_prefill(dtype, variant)
     if fn is None:
         pytest.skip("no C compiler: the pure-torch fallback is what runs here")
+    return fn
+
+
+DECODE_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+               ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+               ctypes.c_int64, ctypes.c_void_p]
+WRITE_ARGS = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+              ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+
+
+def attention_fn_or_skip(name, dtype, variant, argtypes, restype):
+    """`name` (or `name`_f16) from `variant`'s build of paged_attention.c."""
+    runnable_or_skip(variant)
+    lib = native.load("paged_attention", variant)
+    if lib is None:
+        pytest.skip("no C compiler: the pure-torch fallback is what runs here")
+    fn = lib[name + ("_f16" if dtype == "float16" else "")]  # a fresh function object: its own argtypes
+    fn.argtypes, fn.restype = argtypes, restype
     return fn
 
 
@@ -190,8 +218,7 @@ def test_prefill_rows_do_not_depend_on_the_batch(dtype, variant):
         for th in (1, 2):
             alone = call_prefill(fn, q[a:b], kc, vc, bt[i:i + 1], torch.tensor([0, b - a]), lens[i:i + 1], scale, th)
             assert torch.equal(alone, together[1][a:b]), f"sequence {i} on {th} threads"
-    decode = native.load("paged_attention", variant)["ember_paged_decode" + ("_f16" if dtype == "float16" else "")]
-    decode.argtypes, decode.restype = native.paged_decode(dtype).argtypes, ctypes.c_int
+    decode = attention_fn_or_skip("ember_paged_decode", dtype, variant, DECODE_ARGS, ctypes.c_int)
     rows = [i for i, (_, n) in enumerate(chunks) if n == 1]
     qd = q[starts[rows]].contiguous()
     tables, dl = bt[rows].contiguous(), lens[rows].contiguous()
@@ -246,3 +273,118 @@ def test_reference_write_skips_padding_slots():
     flat_k, flat_v = k_cache.view(8, 8), v_cache.view(8, 8)
     assert flat_k[[0, 5]].eq(1).all() and flat_v[[0, 5]].eq(2).all()
     assert flat_k[[1, 2, 3, 4, 6, 7]].eq(0).all() and flat_v[7].eq(0).all()
+
+
+# Every ISA's build against float64 and against each other. The kernels are written once over
+# 16-lane vector operations that each ISA implements with the same per-lane float steps (fused
+# multiply-adds where the vector code fuses, one fixed order for every sum), so the AVX-512 and
+# AVX2 builds must give the portable build's bits exactly, on every shape the kernels take.
+
+BASE = native.VARIANTS[-1]  # the portable build ("scalar")
+OTHERS = [v for v in native.VARIANTS if v != BASE] or [BASE]
+
+# (query heads per kv head, kv heads, head_dim, block size): the common shapes, and odd ones (a
+# head_dim that is no multiple of 16, blocks of 1 or 5 slots, 64-slot blocks, 16 heads per kv head)
+SHAPES = [(1, 2, 64, 16), (3, 3, 64, 16), (2, 2, 128, 8), (4, 1, 128, 32), (8, 1, 64, 8), (7, 1, 64, 16),
+          (5, 1, 72, 5), (16, 1, 40, 64), (6, 1, 200, 1)]
+ODD = 6  # SHAPES[ODD:] are the odd ones
+# (cached, new) per sequence: ragged prompts, a chunk after cached context, decode rows, 300+ positions
+MIXED = [(0, 310), (0, 37), (250, 60), (400, 1), (20, 1), (5, 2), (130, 75)]
+
+
+def decode_inputs(shape, dtype, seed):
+    """A decode batch: sequences of 1 to 400+ positions, the last one new; q a strided view."""
+    group, kv_heads, d, bs = shape
+    rng = random.Random(seed)
+    ctxs = [1, 17, rng.randint(300, 420), 64, rng.randint(2, 200)]
+    kc, vc, bt, _, lens = random_cache([(c - 1, 1) for c in ctxs], kv_heads, d, bs, dtype, seed)
+    q = strided_q(len(ctxs), group * kv_heads, d, torch.Generator().manual_seed(seed))
+    return q, kc, vc, bt, lens
+
+
+def call_decode(fn, q, kc, vc, bt, lens, scale, threads=2, new=None):
+    """new: (k_new, v_new [B, kv heads, d] float32, slots [B]) to write first, in the same call."""
+    kvh, nb, d, bs = kc.shape
+    out = torch.full(q.shape, float("nan"))
+    k_new, v_new, slots = new if new is not None else (None, None, None)
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    rc = fn(q.data_ptr(), q.stride(0), kc.data_ptr(), vc.data_ptr(), bt.data_ptr(), bt.stride(0), lens.data_ptr(),
+            out.data_ptr(), q.shape[0], q.shape[1], kvh, d, nb, bs, scale, threads, ptr(k_new), ptr(v_new),
+            0 if k_new is None else k_new.stride(0), ptr(slots))
+    assert rc == 0, f"kernel returned {rc}"
+    return out
+
+
+def decode_new(bt, lens, kv_heads, d, bs, seed):
+    g = torch.Generator().manual_seed(seed + 100)
+    kv = torch.randn(len(lens), 2 * kv_heads * d, generator=g)  # k and v as views of one tensor
+    k_new, v_new = kv[:, :kv_heads * d].view(-1, kv_heads, d), kv[:, kv_heads * d:].view(-1, kv_heads, d)
+    slots = torch.tensor([bt[i, (n - 1) // bs].item() * bs + (n - 1) % bs for i, n in enumerate(lens.tolist())])
+    return k_new, v_new, slots
+
+
+@pytest.mark.parametrize("variant", native.VARIANTS)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "g{}-kv{}-d{}-bs{}".format(*s))
+def test_decode_kernel_matches_float64(shape, dtype, variant):
+    fn = attention_fn_or_skip("ember_paged_decode", dtype, variant, DECODE_ARGS, ctypes.c_int)
+    q, kc, vc, bt, lens = decode_inputs(shape, dtype, SHAPES.index(shape))
+    d = shape[2]
+    got = call_decode(fn, q, kc, vc, bt, lens, d ** -0.5)
+    want = prefill_reference(q, kc, vc, bt, torch.arange(len(lens) + 1), lens, d ** -0.5)
+    err = ((got - want).norm() / want.norm()).item()
+    worst = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 1e-5 and worst < 1e-5, f"relative error {err:.2e}, worst element {worst:.2e}"
+
+
+@pytest.mark.parametrize("variant", OTHERS)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_decode_gives_the_portable_builds_bits(dtype, variant):
+    """Every shape, with the new keys and values written by the same call (and by ember_write_kv):
+    the outputs and the caches are the portable build's bits."""
+    runnable_or_skip(variant)
+    if variant == BASE:
+        pytest.skip(f"{BASE} is this architecture's only build")
+    fns = {v: attention_fn_or_skip("ember_paged_decode", dtype, v, DECODE_ARGS, ctypes.c_int) for v in (variant, BASE)}
+    writes = {v: attention_fn_or_skip("ember_write_kv", dtype, v, WRITE_ARGS, None) for v in (variant, BASE)}
+    for i, shape in enumerate(SHAPES):
+        group, kv_heads, d, bs = shape
+        q, kc, vc, bt, lens = decode_inputs(shape, dtype, i)
+        new = decode_new(bt, lens, kv_heads, d, bs, i)
+        got = {}
+        for v in (variant, BASE):
+            kc1, vc1 = kc.clone(), vc.clone()
+            fused = call_decode(fns[v], q, kc1, vc1, bt, lens, d ** -0.5, new=new)
+            kc2, vc2 = kc.clone(), vc.clone()
+            k_new, v_new, slots = new
+            writes[v](len(lens), k_new.data_ptr(), v_new.data_ptr(), k_new.stride(0), slots.data_ptr(), kc2.data_ptr(),
+                      vc2.data_ptr(), kv_heads, d, kc.shape[1], bs, 2)
+            assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2), f"{v} {shape}: the two writes differ"
+            after = call_decode(fns[v], q, kc2, vc2, bt, lens, d ** -0.5, threads=1)
+            assert torch.equal(fused, after), f"{v} {shape}: fused write, then 1 vs 2 threads"
+            got[v] = (fused, kc1, vc1)
+        for a, b, what in zip(got[variant], got[BASE], ("output", "key cache", "value cache")):
+            assert torch.equal(a, b), f"{variant} vs {BASE}, {shape}: the {what} differs"
+
+
+@pytest.mark.parametrize("variant", OTHERS)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_prefill_gives_the_portable_builds_bits(dtype, variant):
+    """Mixed steps (whole prompts, chunks after cached context, decode rows; 300+ positions) on
+    every shape: bit for bit the portable build's output, which is itself float64's within 1e-5."""
+    runnable_or_skip(variant)
+    if variant == BASE:
+        pytest.skip(f"{BASE} is this architecture's only build")
+    fns = {v: paged_prefill_or_skip(dtype, v) for v in (variant, BASE)}
+    for i, (group, kv_heads, d, bs) in enumerate(SHAPES):
+        chunks = MIXED[i % 3:] + MIXED[:i % 3]  # the order varies too
+        kc, vc, bt, starts, lens = random_cache(chunks, kv_heads, d, bs, dtype, i)
+        q = strided_q(starts[-1].item(), group * kv_heads, d, torch.Generator().manual_seed(i))
+        got = {v: call_prefill(fns[v], q, kc, vc, bt, starts, lens, d ** -0.5) for v in (variant, BASE)}
+        shape = (group, kv_heads, d, bs)
+        assert torch.equal(got[variant], got[BASE]), (
+            f"{variant} vs {BASE}, {shape}: {(got[variant] != got[BASE]).sum().item()} elements differ")
+        if i >= ODD and dtype == "float32":  # the odd shapes, which the float64 test above does not cover
+            want = prefill_reference(q, kc, vc, bt, starts, lens, d ** -0.5)
+            err = ((got[BASE] - want).norm() / want.norm()).item()
+            assert err < 1e-5, f"{shape}: relative error {err:.2e}"
