@@ -268,3 +268,45 @@ def test_max_cpu_isa_caps_the_choice(monkeypatch):
         assert "EMBER_MAX_CPU_ISA" in native.selected()[1] or RUNNABLE == ["scalar"]
     finally:
         native.selected.cache_clear()
+
+
+ASAN_SCRIPT = r"""
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from ember.gguf.loader import QuantWeight
+from ember_cpu_gguf import native
+from ember_cpu_gguf.packed import PackedLinear
+native.FLAGS += ["-O1", "-fsanitize=address", "-fno-omit-frame-pointer"]
+native._prebuilt = lambda name, variant: None
+rng = np.random.default_rng(0)
+for variant in [v for v in native.VARIANTS if native.runnable(v)[0]]:
+    ks = native.quant_matmul(variant)
+    for qtype in [t for t in Q if ks.supported(int(t))]:
+        per, nbytes = GGML_QUANT_SIZES[qtype]
+        for rows in (40, 48):  # whole panels end at the buffer's end: an overrun is caught
+            data = rng.integers(0, 256, (rows, 256 // per * nbytes), dtype=np.uint8)
+            lin = PackedLinear([QuantWeight("w", qtype, (rows, 256), data)], None, 2, ks)
+            for m in (1, 37):
+                x, y = rng.standard_normal((m, 256)).astype(np.float32), np.empty((m, rows), np.float32)
+                lin.run(x.ctypes.data, 256, m, y.ctypes.data)
+print("clean")
+"""
+
+
+def test_repack_and_matmul_stay_in_bounds_under_addresssanitizer(tmp_path):
+    """Every type, every ISA this CPU runs, panels ending at the buffer's end, under ASan: a write
+    past the panels (once, a 4-bit type wrote a high plane it does not have) fails here, where
+    otherwise it crashed a server now and then."""
+    import shutil
+    import subprocess
+    import sys
+
+    cc = native.compiler()
+    libasan = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip() if cc else ""
+    if not libasan or not shutil.os.path.isabs(libasan):
+        pytest.skip("no C compiler with AddressSanitizer's runtime (libasan)")
+    env = dict(shutil.os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0",
+               EMBER_KERNEL_CACHE=str(tmp_path), EMBER_MAX_CPU_ISA="")
+    out = subprocess.run([sys.executable, "-c", ASAN_SCRIPT], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "clean" in out.stdout, out.stderr[-3000:]

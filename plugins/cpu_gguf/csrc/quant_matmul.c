@@ -294,7 +294,7 @@ int ember_repack(int t, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, 
                         for (int j = 0; j < 4; j++)
                             for (int i = 0; i < 4; i++)
                                 ints[64 * j + 4 * n + i] = (uint8_t)((uu[4 * j + i] & 15) | (uu[16 + 4 * j + i] & 15) << 4);
-                        for (int J = 0; J < 8; J++)
+                        for (int J = 0; J < 8 && f.bits > 4; J++) /* the high plane of 5- and 6-bit types */
                             for (int i = 0; i < 4; i++) {
                                 const int hb = uu[4 * J + i] >> 4;
                                 if (f.bits == 5) ints[256 + 4 * n + i] |= (uint8_t)((hb & 1) << J);
@@ -891,16 +891,20 @@ static inline __attribute__((always_inline)) void scales8(const int kind, const 
  *       u . a = q . a + 128 * sum(a) restores the unsigned dot exactly. */
 static inline __attribute__((always_inline)) void half_t(const int bits, const int kind, const int z, const int sub,
                                                           const int mr, const Fmt f, const uint8_t *w, int64_t ng,
-                                                          const Acts *a, int64_t m0, float out[][16], const int h,
-                                                          const int first) {
+                                                          const Acts *a, int64_t m0, float out[][16], const int h0,
+                                                          const int nh, const int first) {
     const int64_t k = a->k;
     const __m256i by256 = _mm256_set1_epi16(256), by1 = _mm256_set1_epi16(1);
-    __m256 acc[MR];
-    for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+    __m256 accs[2][MR];
+    for (int hh = 0; hh < nh; hh++)
+        for (int r = 0; r < mr; r++) accs[hh][r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *ints = group_ints(f, w, g), *sc = group_scales(f, w, g);
         if (first)
             for (int64_t off = 0; off < int_bytes(f); off += 64) _mm_prefetch((const char *)ints + PF_BYTES + off, _MM_HINT_T0);
+      for (int hh = 0; hh < nh; hh++) {
+        const int h = h0 + hh;
+        __m256 *acc = accs[hh];
         __m256i v[8];
         ints8(bits, ints, h, v);
         for (int t = 0; t < 32 / sub; t++) {
@@ -942,16 +946,24 @@ static inline __attribute__((always_inline)) void half_t(const int bits, const i
                 acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sx), acc[r]);
             }
         }
+      }
     }
-    for (int r = 0; r < mr; r++) _mm256_storeu_ps(out[r] + 8 * h, acc[r]);
+    for (int hh = 0; hh < nh; hh++)
+        for (int r = 0; r < mr; r++) _mm256_storeu_ps(out[r] + 8 * (h0 + hh), accs[hh][r]);
 }
 
 static inline __attribute__((always_inline)) void panel_t(const int bits, const int kind, const int z, const int sub,
                                                            const int mr, const Fmt f, const uint8_t *w, int64_t ng,
                                                            const Acts *a, int64_t m0, float out[][16], const int first) {
-    /* the second half finds the panel's weights in cache: the first streamed them */
-    half_t(bits, kind, z, sub, mr, f, w, ng, a, m0, out, 0, first);
-    half_t(bits, kind, z, sub, mr, f, w, ng, a, m0, out, 1, 0);
+    /* One or two activation rows: both halves of each group in turn, so the weights stream from
+     * memory without pause. More rows would not fit the registers: half after half, the second
+     * finding the panel's weights in cache. Either way each (row, output) sees the same steps. */
+    if (mr <= 2) {
+        half_t(bits, kind, z, sub, mr, f, w, ng, a, m0, out, 0, 2, first);
+    } else {
+        half_t(bits, kind, z, sub, mr, f, w, ng, a, m0, out, 0, 1, first);
+        half_t(bits, kind, z, sub, mr, f, w, ng, a, m0, out, 1, 1, 0);
+    }
 }
 
 static void panel(Fmt f, const uint8_t *w, int64_t ng, const Acts *a, int64_t m0, int mr, float out[][16]) {
