@@ -53,6 +53,14 @@ def llamacpp_figures(path: Path, threads: int) -> dict | None:
         return None
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def table(ember: dict, ref: dict | None) -> str:
     rows = [("single-stream decode (tok/s)", "decode_1"), ("prefill, 512-token prompt (tok/s)", "prefill_512")]
     rows += [(f"decode throughput, {n} sequence{'s' if n > 1 else ''} (tok/s)", f"batch_{n}") for n in BATCHES]
@@ -73,7 +81,10 @@ def main() -> int:
     t0 = time.time()
     ember, path = ember_figures(args.model, args.threads)
     ref = llamacpp_figures(path, args.threads)
+    from ember_cpu_gguf import native
+
     result = {"model": str(path), "threads": args.threads, "machine": platform.processor() or platform.machine(),
+              "cpu": cpu_model(), "cpu_features": native.feature_names(), "kernels": native.selected()[0],
               "date": time.strftime("%Y-%m-%d"), "ember": ember, "llama.cpp": ref,
               "seconds": round(time.time() - t0, 1)}
     print(table(ember, ref))

@@ -37,6 +37,9 @@ KERNELS = ("quant_matmul", "paged_attention", "layer_ops", "llama_forward")
 # -ffp-contract=off: the compiler never fuses a * b + c on its own, so a path's float steps are the
 # ones its source spells out (fmaf / FMA intrinsics where it wants one) whatever the ISA flags
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
+# EMBER_KERNEL_FLAGS adds flags to the first-use build (say "-O1 -g -fsanitize=address", run with
+# libasan preloaded); prebuilt libraries don't match them and are passed over
+FLAGS += os.environ.get("EMBER_KERNEL_FLAGS", "").split()
 
 
 def machine() -> str:
