@@ -99,6 +99,20 @@ def test_ember_plugins_command_lists_backends():
     assert rows["cpu_gguf"]["available"] and rows["cpu_gguf"]["version"]
 
 
+
+def test_ember_plugins_verbose_says_which_cpu_kernels_run_and_why(monkeypatch):
+    from ember_cpu_gguf import native
+
+    out = subprocess.run([sys.executable, "-m", "ember.cli", "plugins", "--verbose"], capture_output=True,
+                         text=True, check=True).stdout
+    isa = native.selected()[0]
+    assert f"cpu_gguf: {native.machine()} kernels: {isa} (" in out
+    capped = subprocess.run([sys.executable, "-m", "ember.cli", "plugins", "--json"], capture_output=True, text=True,
+                            check=True, env={**os.environ, "EMBER_MAX_CPU_ISA": "scalar"}).stdout
+    details = {r["name"]: r["details"] for r in json.loads(capped)}["cpu_gguf"]
+    assert "kernels: scalar" in details and ("EMBER_MAX_CPU_ISA=scalar" in details or isa == "scalar")
+
+
 @pytest.fixture(scope="module")
 def third_party_site(tmp_path_factory):
     """The example distribution under tests/, pip-installed into its own directory."""
