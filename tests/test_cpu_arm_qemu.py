@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants as gq
+from gguf import GGMLQuantizationType as Q, quants as gq
 
 from ember.backend import AttentionMetadata
 from ember.gguf.loader import QuantWeight
@@ -41,9 +41,7 @@ from ember_cpu_gguf import native  # noqa: E402
 
 X86 = "scalar" if "scalar" in native.VARIANTS else "portable" if "portable" in native.VARIANTS else native.VARIANTS[-1]
 ISAS = [isa for isa, _, _ in H.arm_isas()]
-LEGACY = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
-K_QUANTS = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
-LATER = [Q.Q2_K, Q.Q3_K]  # tested once ember_qmm_supported says the kernel has them
+from quant_inputs import K_QUANTS, LEGACY, quantized_activations, weight  # noqa: E402
 THREADS = 2
 
 # op -> why its ARM and x86-64 bits may differ, for a kernel whose portable C leaves a float order to
@@ -55,40 +53,6 @@ ORDER_DEPENDENT: dict[str, str] = {}
 
 # ------------------------------------------------------------------------------------------------
 # inputs
-
-
-def weight(qtype, rows, cols, seed) -> QuantWeight:
-    """Legacy types through gguf's quantizer; K-quant blocks built byte by byte (gguf only
-    dequantizes those): random integers and sub-block scales, small positive float16 scales."""
-    rng = np.random.default_rng(seed)
-    if qtype in LEGACY:
-        data = gq.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
-    else:
-        per, nbytes = GGML_QUANT_SIZES[qtype]
-        raw = rng.integers(0, 256, size=(rows, cols // per, nbytes), dtype=np.uint8)
-
-        def halves(lo, hi):
-            return rng.uniform(lo, hi, (rows, cols // per)).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
-
-        # where each type keeps its float16 d (and dmin)
-        d_at = {Q.Q6_K: 208, Q.Q3_K: 108, Q.Q2_K: 80}.get(qtype, 0)
-        raw[:, :, d_at:d_at + 2] = halves(1e-3, 1e-2)
-        if qtype in (Q.Q4_K, Q.Q5_K, Q.Q2_K):
-            raw[:, :, d_at + 2:d_at + 4] = halves(0, 1e-2)
-        data = raw.reshape(rows, -1)
-    return QuantWeight(f"w{seed}", qtype, (rows, cols), np.ascontiguousarray(data.view(np.uint8)))
-
-
-def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """What the kernel multiplies: per row and per 32 values, x / (max|x| / 127) as two int8
-    terms, hi and lo / 256 (see csrc/quant_matmul.c), back to float (as test_cpu_quant_kernels)."""
-    b = x.reshape(x.shape[0], -1, 32)
-    amax = b.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-    v = b * inv
-    hi = torch.round(v)
-    lo = torch.round((v - hi) * 256).clamp(-127, 127)
-    return ((256 * hi + lo).double() * (amax.double() / 127 / 256)).reshape(x.shape)
 
 
 def qlinear_call(ws, x, biases=None, ldx=None, **meta) -> H.Call:
@@ -106,7 +70,7 @@ def qlinear_call(ws, x, biases=None, ldx=None, **meta) -> H.Call:
 def qlinear_calls() -> list[H.Call]:
     calls = []
     torch.manual_seed(0)
-    for qtype in LEGACY + K_QUANTS + LATER:
+    for qtype in LEGACY + K_QUANTS:
         shapes = [(40, 256, (1, 5)), (16, 512, (2,))] + ([(7, 96, (3,)), (9, 32, (1,))] if qtype in LEGACY else [])
         for rows, cols, ms in shapes:
             w = weight(qtype, rows, cols, rows)
@@ -384,7 +348,7 @@ def test_cpu_features_under_emulated_cpus(runs):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("qtype", LEGACY + K_QUANTS + LATER, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", LEGACY + K_QUANTS, ids=lambda q: q.name)
 def test_quantized_linear_matches_reference(runs, isa, qtype):
     info = np.frombuffer(runs.replies(isa, "info")[0][1][0], np.int32)
     if not info[int(qtype)]:

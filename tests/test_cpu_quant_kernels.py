@@ -4,7 +4,7 @@ where the CPU lacks it), the builds against each other bit for bit, and the fuse
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from ember.gguf.loader import QuantWeight
 from ember.ops import reference
@@ -13,8 +13,7 @@ from ember_cpu_gguf import native
 from ember_cpu_gguf.layer_ops import NativeLayerOps
 from ember_cpu_gguf.linear import QuantLinear
 
-LEGACY = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
-K_QUANTS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+from quant_inputs import K_QUANTS, LEGACY, quantized_activations, weight  # noqa: E402
 
 
 def kernels(variant=None):
@@ -26,45 +25,6 @@ def kernels(variant=None):
     if k is None:
         pytest.skip("no C compiler: the pure-torch fallback is what runs here")
     return k
-
-
-def weight(qtype, rows, cols, seed):
-    """Legacy types through gguf's quantizer; K-quant blocks built byte by byte (gguf only
-    dequantizes those): random integers and sub-block scales, small positive float16 scales."""
-    rng = np.random.default_rng(seed)
-    if qtype in LEGACY:
-        data = quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
-    else:
-        per, nbytes = GGML_QUANT_SIZES[qtype]
-        raw = rng.integers(0, 256, size=(rows, cols // per, nbytes), dtype=np.uint8)
-
-        def halves(lo, hi):
-            return rng.uniform(lo, hi, (rows, cols // per)).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
-
-        if qtype == Q.Q6_K:
-            raw[:, :, 208:210] = halves(1e-3, 1e-2)  # d is the block's last field
-        elif qtype == Q.Q3_K:
-            raw[:, :, 108:110] = halves(1e-3, 1e-2)
-        elif qtype == Q.Q2_K:
-            raw[:, :, 80:82] = halves(1e-3, 1e-2)  # d, then dmin
-            raw[:, :, 82:84] = halves(0, 1e-2)
-        else:
-            raw[:, :, 0:2] = halves(1e-3, 1e-2)  # d
-            raw[:, :, 2:4] = halves(0, 1e-2)  # dmin
-        data = raw.reshape(rows, -1)
-    return QuantWeight(f"w{seed}", qtype, (rows, cols), np.ascontiguousarray(data.view(np.uint8)))
-
-
-def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """What the kernel multiplies: per row and per 32 values, x / (max|x| / 127) as two int8
-    terms, hi and lo / 256 (see csrc/quant_matmul.c), back to float."""
-    b = x.reshape(x.shape[0], -1, 32)
-    amax = b.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-    v = b * inv
-    hi = torch.round(v)
-    lo = torch.round((v - hi) * 256).clamp(-127, 127)
-    return ((256 * hi + lo).double() * (amax.double() / 127 / 256)).reshape(x.shape)
 
 
 @pytest.mark.parametrize("variant", native.VARIANTS)
