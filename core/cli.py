@@ -270,18 +270,20 @@ def cmd_plugins(args) -> int:
     infos = get_registry().all()
 
     def details(b) -> str:
-        if not (args.verbose or args.json) or b.cls is None:
+        if b.cls is None:
             return ""
         try:
             return b.cls.details() or ""
         except Exception as e:  # a plugin's bug is reported, not fatal
             return f"details() raised {e!r}"
 
+    extra = {b.name: details(b) for b in infos} if args.verbose or args.json else {}
+
     if args.json:
         print(json.dumps([{"name": b.name, "distribution": b.distribution, "version": b.version,
                            "device_type": b.device_type, "priority": b.priority,
                            "available": b.usable, "reason": b.availability.reason, "error": b.error,
-                           "details": details(b)}
+                           "details": extra[b.name]}
                           for b in infos], indent=2))
         return 0
     if not infos:
@@ -294,10 +296,9 @@ def cmd_plugins(args) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
-    if args.verbose:
-        for b in infos:
-            if details(b):
-                print(f"\n{b.name}: {details(b)}")
+    for name, text in extra.items():
+        if text:
+            print(f"\n{name}: {text}")
     return 0
 
 

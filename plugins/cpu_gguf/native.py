@@ -9,8 +9,8 @@ same bits (the kernels do the same integer dots and float steps in the same orde
     aarch64: neon (ARMv8.2 with the dot product and FP16), scalar (baseline ARMv8)
 
 `pip install` builds them all into the package (setup.py); a source checkout, or an install that
-had no compiler, builds the one it needs on first use into the user's cache (about a second each,
-needing only a C compiler with OpenMP: no Python or torch headers). csrc/cpu_features.c, built for
+had no compiler, builds the one it needs on first use into the user's cache (up to about ten
+seconds a library, needing only a C compiler with OpenMP: no Python or torch headers). csrc/cpu_features.c, built for
 the baseline, says what this CPU runs; EMBER_MAX_CPU_ISA caps the choice (as oneDNN's
 ONEDNN_MAX_CPU_ISA does), for measuring a slower path on a faster CPU. Without a compiler or a
 prebuilt library the backend falls back to its pure-torch paths, and says so once in the log.
@@ -47,23 +47,33 @@ def machine() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
 
-# per architecture, best first: (ISA, compiler flags, the cpu_features.c bits it needs, what it is)
+# csrc/cpu_features.c's bits
+FEATURES = {"avx2": 1 << 0, "avx512_vnni": 1 << 1, "amx_int8": 1 << 2, "avx_vnni": 1 << 3,
+            "neon_dotprod": 1 << 8, "i8mm": 1 << 9}
+# per architecture, best first: (ISA, compiler flags, the feature it needs, what it is)
 _ISAS = {
     "x86_64": [
-        ("avx512", ["-march=x86-64-v4", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mtune=generic"], 0b10,
+        ("avx512", ["-march=x86-64-v4", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mtune=generic"], "avx512_vnni",
          "AVX-512 VNNI"),
-        ("avx2", ["-march=x86-64-v3", "-mtune=generic"], 0b01, "AVX2 with FMA and F16C"),
-        ("scalar", ["-march=x86-64", "-mtune=generic"], 0, "portable C"),
+        ("avx2", ["-march=x86-64-v3", "-mtune=generic"], "avx2", "AVX2 with FMA and F16C"),
+        ("scalar", ["-march=x86-64", "-mtune=generic"], None, "portable C"),
     ],
     "aarch64": [
-        ("neon", ["-march=armv8.2-a+dotprod+fp16"], 1 << 8, "NEON with the dot product"),
-        ("scalar", ["-march=armv8-a"], 0, "portable C"),
+        ("neon", ["-march=armv8.2-a+dotprod+fp16"], "neon_dotprod", "NEON with the dot product"),
+        ("scalar", ["-march=armv8-a"], None, "portable C"),
     ],
 }
-ISA_TABLE = {isa: (flags, need, what) for isa, flags, need, what in _ISAS.get(machine(), [("scalar", [], 0, "portable C")])}
+
+
+def isa_table(arch: str) -> dict[str, tuple[list[str], int, str]]:
+    """An architecture's ISAs, best first: their compiler flags, the cpu_features.c bit each needs
+    and what it is (the ARM tests cross-compile aarch64's on x86-64)."""
+    return {isa: (flags, FEATURES.get(need, 0), what)
+            for isa, flags, need, what in _ISAS.get(arch, [("scalar", [], None, "portable C")])}
+
+
+ISA_TABLE = isa_table(machine())
 VARIANTS = tuple(ISA_TABLE)  # this architecture's ISAs, best first; the tests run every one the CPU has
-FEATURE_NAMES = {1 << 0: "avx2", 1 << 1: "avx512_vnni", 1 << 2: "amx_int8", 1 << 3: "avx_vnni",
-                 1 << 8: "neon_dotprod", 1 << 9: "i8mm"}
 
 
 def source_key(name: str, variant: str) -> str:
@@ -138,7 +148,7 @@ def cpu_features() -> int:
 
 def feature_names() -> list[str]:
     bits = cpu_features()
-    return [n for b, n in FEATURE_NAMES.items() if bits & b]
+    return [name for name, bit in FEATURES.items() if bits & bit]
 
 
 def runnable(variant: str) -> tuple[bool, str]:

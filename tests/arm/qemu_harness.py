@@ -27,10 +27,6 @@ CC = "aarch64-linux-gnu-gcc"
 QEMU = "qemu-aarch64"
 SYSROOT = "/usr/aarch64-linux-gnu"
 
-# aarch64 ISAs as native.py builds them, best first: (ISA, -march flags, cpu_features bits needed).
-# native.py's own table is used when it has one (so this follows it); this is the fallback.
-DEFAULT_ARM_ISAS = [("neon", ["-march=armv8.2-a+dotprod+fp16"], 1 << 8), ("scalar", ["-march=armv8-a"], 0)]
-DEFAULT_FLAGS = ["-O3", "-fopenmp", "-std=c11", "-ffp-contract=off"]
 # qemu CPU models with just what an ISA needs: a build that uses anything more dies of SIGILL there
 QEMU_CPU = {0: "cortex-a53", 1 << 8: "cortex-a76"}  # ARMv8.0; ARMv8.2 with dotprod and FP16
 
@@ -68,18 +64,15 @@ def unavailable() -> str | None:
 def arm_isas() -> list[tuple[str, list[str], int]]:
     from ember_cpu_gguf import native
 
-    try:  # native.py's per-architecture table: (ISA, flags, cpu_features bits, description), best first
-        return [(isa, list(flags), int(need)) for isa, flags, need, *_ in native._ISAS["aarch64"]]
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return DEFAULT_ARM_ISAS
+    # native.py's table, so the test builds what would ship: (ISA, flags, cpu_features bit), best first
+    return [(isa, list(flags), need) for isa, (flags, need, _) in native.isa_table("aarch64").items()]
 
 
 def compile_flags() -> list[str]:
     """native.py's flags without the shared-library ones (the harness links the objects statically)."""
     from ember_cpu_gguf import native
 
-    flags = [f for f in getattr(native, "FLAGS", DEFAULT_FLAGS) if f not in ("-shared", "-fPIC", "-fpic")]
-    return flags or DEFAULT_FLAGS
+    return [f for f in native.FLAGS if f not in ("-shared", "-fPIC", "-fpic")]
 
 
 def qemu_cpu(need: int) -> str:

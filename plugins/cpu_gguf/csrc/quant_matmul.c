@@ -103,27 +103,24 @@ static void k4_scale_min(int j, const uint8_t *q, int *sc, int *m) {
 }
 
 /* ---------------------------------------------------------------------------------------------
- * One chunk of a row in its GGUF blocks, decoded for the repacker: values 64c .. 64c+63 as
- * unsigned integers u, with s[g], m[g] per group of 16 values (a 32-group repeats its numbers; m is
- * 0 for zero-point types, whose zero point is returned). `half` set: only the first 32 values
- * exist (a row of 32 * odd length); the rest read as zero.
+ * One chunk of a row in its GGUF blocks, decoded for the repacker: values 64c .. 64c+63 as the
+ * unsigned integers u of w = s * u + m (the scales are copied from the blocks' own bytes, see
+ * ember_repack). `half` set: only the first 32 values exist (a row of 32 * odd length); the rest
+ * read as zero.
  * ------------------------------------------------------------------------------------------- */
-static int chunk_scalar(int t, const uint8_t *row, int64_t c, int half, uint8_t u[64], float s[4], float m[4]) {
-    int z = 0;
+static void chunk_ints(int t, const uint8_t *row, int64_t c, int half, uint8_t u[64]) {
     memset(u, 0, 64);
-    for (int g = 0; g < 4; g++) s[g] = m[g] = 0.f;
     if (t < T_Q2_K) {
         for (int b = 0; b < (half ? 1 : 2); b++) {
             const uint8_t *p = row + (2 * c + b) * block_bytes(t);
-            float d = h2f(p), mm = 0.f;
             const uint8_t *qs;
             uint32_t qh = 0;
             switch (t) {
-            case T_Q4_0: qs = p + 2; z = 8; break;
-            case T_Q4_1: mm = h2f(p + 2); qs = p + 4; break;
-            case T_Q5_0: memcpy(&qh, p + 2, 4); qs = p + 6; z = 16; break;
-            case T_Q5_1: mm = h2f(p + 2); memcpy(&qh, p + 4, 4); qs = p + 8; break;
-            default: qs = p + 2; z = 128; break; /* Q8_0: u = q + 128 */
+            case T_Q4_0: qs = p + 2; break;
+            case T_Q4_1: qs = p + 4; break;
+            case T_Q5_0: memcpy(&qh, p + 2, 4); qs = p + 6; break;
+            case T_Q5_1: memcpy(&qh, p + 4, 4); qs = p + 8; break;
+            default: qs = p + 2; break; /* Q8_0: u = q + 128 */
             }
             for (int i = 0; i < 32; i++) {
                 int v;
@@ -131,13 +128,11 @@ static int chunk_scalar(int t, const uint8_t *row, int64_t c, int half, uint8_t 
                 else v = (i < 16 ? qs[i] & 0xF : qs[i - 16] >> 4) | (((qh >> i) & 1) << 4);
                 u[32 * b + i] = (uint8_t)v;
             }
-            s[2 * b] = s[2 * b + 1] = d;
-            m[2 * b] = m[2 * b + 1] = mm;
         }
-        return z;
+        return;
     }
     const uint8_t *p = row + (c / 4) * block_bytes(t);
-    int j = (int)(c % 4);
+    const int j = (int)(c % 4);
     if (t == T_Q2_K || t == T_Q3_K) { /* value v of the block: bits 2s of byte 32h + l, v = 128h + 32s + l */
         const uint8_t *qs = p + (t == T_Q2_K ? 16 : 32), *hmask = p;
         for (int i = 0; i < 64; i++) {
@@ -146,27 +141,14 @@ static int chunk_scalar(int t, const uint8_t *row, int64_t c, int half, uint8_t 
             if (t == T_Q3_K) q |= ((hmask[l] >> (v / 32)) & 1) << 2; /* u = q + 4 * bit: w = s * (u - 4) */
             u[i] = (uint8_t)q;
         }
-        return 0;
-    }
-    if (t == T_Q6_K) {
+    } else if (t == T_Q6_K) {
         const uint8_t *ql = p + 64 * (j / 2), *qh = p + 128 + 32 * (j / 2);
-        const int8_t *sc = (const int8_t *)(p + 192) + 8 * (j / 2) + 4 * (j % 2);
-        float d = h2f(p + 208);
-        int sh = 4 * (j % 2);
+        const int sh = 4 * (j % 2);
         for (int l = 0; l < 32; l++) {
             u[l] = (uint8_t)(((ql[l] >> sh) & 0xF) | (((qh[l] >> (2 * (j % 2) * 2)) & 3) << 4));
             u[32 + l] = (uint8_t)(((ql[32 + l] >> sh) & 0xF) | (((qh[l] >> (2 * (j % 2) * 2 + 2)) & 3) << 4));
         }
-        for (int g = 0; g < 4; g++) s[g] = d * (float)sc[g];
-        return 32;
-    }
-    float d = h2f(p), dmin = h2f(p + 2);
-    int sc0, m0, sc1, m1;
-    k4_scale_min(2 * j, p + 4, &sc0, &m0);
-    k4_scale_min(2 * j + 1, p + 4, &sc1, &m1);
-    s[0] = s[1] = d * (float)sc0; s[2] = s[3] = d * (float)sc1;
-    m[0] = m[1] = -(dmin * (float)m0); m[2] = m[3] = -(dmin * (float)m1);
-    if (t == T_Q4_K) {
+    } else if (t == T_Q4_K) {
         const uint8_t *qs = p + 16 + 32 * j;
         for (int l = 0; l < 32; l++) { u[l] = qs[l] & 0xF; u[32 + l] = qs[l] >> 4; }
     } else { /* Q5_K */
@@ -176,7 +158,6 @@ static int chunk_scalar(int t, const uint8_t *row, int64_t c, int half, uint8_t 
             u[32 + l] = (uint8_t)((qs[l] >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4));
         }
     }
-    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -275,8 +256,7 @@ int ember_repack(int t, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, 
             const uint8_t *row = src + (16 * p + n) * rb;
             for (int64_t c = 0; c < (K + 63) / 64; c++) {
                 uint8_t u[64];
-                float s[4], m[4];
-                chunk_scalar(t, row, c, 64 * c + 64 > K, u, s, m);
+                chunk_ints(t, row, c, 64 * c + 64 > K, u);
                 for (int gi = 0; gi < 2 && c * 64 + gi * 32 < K; gi++) {
                     const int64_t g = 2 * c + gi;
                     uint8_t *ints = (uint8_t *)group_ints(f, w, g);
