@@ -21,13 +21,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 BATCHES = (1, 8, 32, 64)
 
 
-def ember_figures(model: str, threads: int) -> dict:
+def ember_figures(model: str, threads: int, int8_activations: bool = False) -> dict:
     from ember.bench import throughput
     from ember.llm import LLM
     from ember.store import ModelStore
 
     path = ModelStore().resolve(model) if not Path(model).exists() else Path(model)
-    llm = LLM(str(path), threads=threads, max_model_len=1024, kv_cache_memory=1024**3)
+    llm = LLM(str(path), threads=threads, max_model_len=1024, kv_cache_memory=1024**3,
+              int8_activations=int8_activations)
     out = {"backend": llm.engine.backend_info.name}
     throughput(llm, 1, 128, 16)  # a warm-up pass, as llama-bench makes: page faults, kernel builds
     single = throughput(llm, 1, 128, 128)
@@ -61,14 +62,18 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def table(ember: dict, ref: dict | None) -> str:
+def table(embers: dict[str, dict], ref: dict | None) -> str:
+    """One column per ember configuration, then llama.cpp and the ratios to it."""
     rows = [("single-stream decode (tok/s)", "decode_1"), ("prefill, 512-token prompt (tok/s)", "prefill_512")]
     rows += [(f"decode throughput, {n} sequence{'s' if n > 1 else ''} (tok/s)", f"batch_{n}") for n in BATCHES]
-    lines = ["| | ember | llama.cpp | ember / llama.cpp |", "|---|---:|---:|---:|"]
+    names = list(embers)
+    head = [f"ember{n}" for n in names] + ["llama.cpp"] + [f"ember{n} / llama.cpp" for n in names]
+    lines = ["| | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
     for label, key in rows:
-        e = ember[key]
         r = ref[key] if ref else None
-        lines.append(f"| {label} | {e:.1f} | {r:.1f} | {e / r:.2f}× |" if r else f"| {label} | {e:.1f} | – | – |")
+        cells = [f"{embers[n][key]:.1f}" for n in names] + [f"{r:.1f}" if r else "–"]
+        cells += [f"{embers[n][key] / r:.2f}×" if r else "–" for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -77,17 +82,23 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--int8-activations", action="store_true",
+                    help="also measure ember with --int8-activations (llama.cpp's activation numerics)")
     args = ap.parse_args()
     t0 = time.time()
     ember, path = ember_figures(args.model, args.threads)
+    embers = {"": ember}
+    if args.int8_activations:
+        embers[" --int8-activations"] = ember_figures(args.model, args.threads, int8_activations=True)[0]
     ref = llamacpp_figures(path, args.threads)
     from ember_cpu_gguf import native
 
     result = {"model": str(path), "threads": args.threads, "machine": platform.processor() or platform.machine(),
               "cpu": cpu_model(), "cpu_features": native.feature_names(), "kernels": native.selected()[0],
-              "date": time.strftime("%Y-%m-%d"), "ember": ember, "llama.cpp": ref,
+              "date": time.strftime("%Y-%m-%d"), "ember": ember,
+              "ember_int8_activations": embers.get(" --int8-activations"), "llama.cpp": ref,
               "seconds": round(time.time() - t0, 1)}
-    print(table(ember, ref))
+    print(table(embers, ref))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

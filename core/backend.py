@@ -80,6 +80,10 @@ class Availability:
 class BackendOptions:
     threads: int | None = None
     exact: bool = False  # keep reference numerics: no approximating fast paths
+    # Activations multiplied by quantized weights as one int8 per value, as llama.cpp does: faster
+    # where kernels quantize activations (cpu_gguf), less faithful. Backends without such kernels
+    # ignore it; exact wins over it.
+    int8_activations: bool = False
     # Compute dtype ("bfloat16", "float16", "float32"); None: the first of the backend's dtypes.
     dtype: str | None = None
     # Share of the device's memory the engine may fill (weights, activations, KV cache), as vLLM's

@@ -68,6 +68,7 @@ class EngineConfig:
     device: str = "auto"
     threads: int | None = None
     exact: bool = False
+    int8_activations: bool = False  # BackendOptions.int8_activations
     dtype: str | None = None  # compute dtype; None: the backend's default
     memory_utilization: float = 0.9  # --gpu-memory-utilization
     eager: bool = False  # no CUDA graphs

@@ -13,12 +13,14 @@ class LLM:
                  num_kv_blocks: int | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, exact: bool = False, dtype: str | None = None,
-                 gpu_memory_utilization: float = 0.9, eager: bool = False, registry=None):
+                 gpu_memory_utilization: float = 0.9, eager: bool = False, int8_activations: bool = False,
+                 registry=None):
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
                             enable_prefix_caching=enable_prefix_caching)
         if kv_cache_memory is not None:
             cache.kv_cache_memory = kv_cache_memory
         config = EngineConfig(model=model, device=device, threads=threads, exact=exact, dtype=dtype,
+                              int8_activations=int8_activations,
                               memory_utilization=gpu_memory_utilization, eager=eager,
                               max_model_len=max_model_len, cache=cache,
                               scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,

@@ -32,13 +32,25 @@ def weight(qtype, rows, cols, seed) -> QuantWeight:
     return QuantWeight(f"w{seed}", qtype, (rows, cols), np.ascontiguousarray(data.view(np.uint8)))
 
 
-def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """What the kernel multiplies: per row and per 32 values, x / (max|x| / 127) as two int8
-    terms, hi and lo / 256 (see csrc/quant_matmul.c), back to float ."""
+def activation_terms(qtype, one_term: bool = False) -> int:
+    """The int8 activation terms the kernel multiplies a type's weights by (fmt_for in
+    csrc/quant_matmul.c): two, or one where the layer asks (--int8-activations)."""
+    return 1 if one_term else 2
+
+
+def quantized_activations(x: torch.Tensor, terms: int = 2) -> torch.Tensor:
+    """What the kernel multiplies: per row and per 32 values, x / (max|x| / 127) as one or two
+    int8 terms, hi and lo / 256 (see csrc/quant_matmul.c), back to float."""
     b = x.reshape(x.shape[0], -1, 32)
     amax = b.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
     v = b * inv
     hi = torch.round(v)
-    lo = torch.round((v - hi) * 256).clamp(-127, 127)
+    lo = torch.round((v - hi) * 256).clamp(-127, 127) if terms == 2 else torch.zeros_like(hi)
     return ((256 * hi + lo).double() * (amax.double() / 127 / 256)).reshape(x.shape)
+
+
+def expected_product(x: torch.Tensor, ws, one_term: bool = False) -> torch.Tensor:
+    """x @ W.T in float64 for the parts ws, each on the activations the kernel gives its type."""
+    return torch.cat([quantized_activations(x, activation_terms(w.qtype, one_term)) @ w.dequantize().double().T
+                      for w in ws], dim=1)

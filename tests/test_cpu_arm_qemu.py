@@ -41,7 +41,7 @@ from ember_cpu_gguf import native  # noqa: E402
 
 X86 = "scalar" if "scalar" in native.VARIANTS else "portable" if "portable" in native.VARIANTS else native.VARIANTS[-1]
 ISAS = [isa for isa, _, _ in H.arm_isas()]
-from quant_inputs import K_QUANTS, LEGACY, quantized_activations, weight  # noqa: E402
+from quant_inputs import K_QUANTS, LEGACY, activation_terms, expected_product, quantized_activations, weight  # noqa: E402
 THREADS = 2
 
 # op -> why its ARM and x86-64 bits may differ, for a kernel whose portable C leaves a float order to
@@ -55,16 +55,18 @@ ORDER_DEPENDENT: dict[str, str] = {}
 # inputs
 
 
-def qlinear_call(ws, x, biases=None, ldx=None, **meta) -> H.Call:
-    """y = x @ W.T (+ b) over the parts ws; x: float32 [M, ldx] of which the first K columns count."""
+def qlinear_call(ws, x, biases=None, ldx=None, one_term=False, **meta) -> H.Call:
+    """y = x @ W.T (+ b) over the parts ws; x: float32 [M, ldx] of which the first K columns count;
+    one_term: the layer asks for one activation term (EMBER_QMM_ONE_TERM)."""
     K = ws[0].shape[1]
     ldx = ldx or K
     x = np.ascontiguousarray(x, np.float32)
     types = np.array([int(w.qtype) for w in ws], np.int32)
     ns = np.array([w.shape[0] for w in ws], np.int64)
     bias = None if biases is None else np.ascontiguousarray(np.concatenate(biases), np.float32)
-    return H.Call("qlinear", [len(ws), K, x.shape[0], ldx, THREADS], [], [types, ns, x, bias, *(w.data for w in ws)],
-                  [], dict(meta, ws=ws, x=x[:, :K], bias=bias))
+    return H.Call("qlinear", [len(ws), K, x.shape[0], ldx, THREADS, int(one_term)], [],
+                  [types, ns, x, bias, *(w.data for w in ws)], [], dict(meta, ws=ws, x=x[:, :K], bias=bias,
+                                                                         one_term=one_term))
 
 
 def qlinear_calls() -> list[H.Call]:
@@ -75,7 +77,9 @@ def qlinear_calls() -> list[H.Call]:
         for rows, cols, ms in shapes:
             w = weight(qtype, rows, cols, rows)
             for m in ms:
-                calls.append(qlinear_call([w], torch.randn(m, cols).numpy(), qtype=qtype, kind="reference"))
+                for one_term in (False, True):
+                    calls.append(qlinear_call([w], torch.randn(m, cols).numpy(), one_term=one_term, qtype=qtype,
+                                              kind="reference"))
     # a Q4_K_M-style fused qkv with biases, its x a strided view of wider rows
     rng = np.random.default_rng(0)
     ws = [weight(Q.Q4_K, 64, 256, 1), weight(Q.Q4_K, 32, 256, 2), weight(Q.Q6_K, 32, 256, 3)]
@@ -361,11 +365,12 @@ def test_quantized_linear_matches_reference(runs, isa, qtype):
         (w,), x = c.meta["ws"], torch.from_numpy(c.meta["x"])
         y = torch.from_numpy(f32(arrays[0], (x.shape[0], w.shape[0]))).double()
         wf = w.dequantize().double()
-        xq = quantized_activations(x)
+        terms = activation_terms(qtype, c.meta["one_term"])
+        xq = quantized_activations(x, terms)
         want, size = xq @ wf.T, xq.abs() @ wf.abs().T
         assert ((y - want).abs() <= 1e-5 * size.max(dim=1, keepdim=True).values).all(), (w.shape, x.shape)
         ref = reference.linear(x, [w]).double()
-        assert (y - ref).norm() / ref.norm() < 1e-4
+        assert (y - ref).norm() / ref.norm() < (1e-4 if terms == 2 else 1e-2)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -374,8 +379,7 @@ def test_fused_parts_with_bias_and_batch_invariance(runs, isa):
     (c, rc, arrays), = [t for t in calls if t[0].meta["kind"] == "fused"]
     assert rc == 0
     ws, x = c.meta["ws"], torch.from_numpy(c.meta["x"])
-    want = quantized_activations(x) @ torch.cat([w.dequantize() for w in ws]).double().T
-    want += torch.from_numpy(c.meta["bias"]).double()
+    want = expected_product(x, ws) + torch.from_numpy(c.meta["bias"]).double()
     y = torch.from_numpy(f32(arrays[0], (6, 128))).double()
     assert (y - want).abs().max() <= 1e-5 * want.abs().max()
     full = {}

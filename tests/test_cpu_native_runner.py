@@ -89,6 +89,27 @@ def test_native_runner_matches_torch_runner(smollm2_gguf, monkeypatch):
 
 
 @pytest.mark.slow
+def test_int8_activations_run_the_same_on_both_runners(smollm2_gguf, monkeypatch):
+    """--int8-activations reaches every quantized linear on both runners (the same prompt logits,
+    bit for bit), and is a different numerics from the default's."""
+    from ember_cpu_gguf import runner
+
+    def logits(**kw):
+        llm = _llm(smollm2_gguf, **kw)
+        out = np.asarray(llm.prompt_logits(llm.tokenizer.encode("The capital of France is")))
+        return out, isinstance(llm.engine.runner, runner.NativeModelRunner)
+
+    (fast, native_ran), (default, _) = logits(int8_activations=True), logits()
+    assert native_ran
+    monkeypatch.setattr(runner, "unsupported", lambda *a: "the test wants the torch runner")
+    torch_logits, native_ran = logits(int8_activations=True)
+    assert not native_ran
+    np.testing.assert_array_equal(fast, torch_logits)
+    assert not np.array_equal(fast, default)
+    assert fast.argmax(-1)[-1] == default.argmax(-1)[-1]
+
+
+@pytest.mark.slow
 def test_every_isa_gives_the_same_logits_and_tokens(smollm2_gguf, monkeypatch):
     """The kernels' bit-for-bit agreement across ISA builds, end to end: the whole model on each
     path this CPU runs (the scalar one included) gives the same prompt logits and greedy tokens."""

@@ -13,7 +13,13 @@ from ember_cpu_gguf import native
 from ember_cpu_gguf.layer_ops import NativeLayerOps
 from ember_cpu_gguf.linear import QuantLinear
 
-from quant_inputs import K_QUANTS, LEGACY, quantized_activations, weight  # noqa: E402
+from quant_inputs import K_QUANTS, LEGACY, activation_terms, expected_product, quantized_activations, weight  # noqa: E402
+
+
+def rounding_bound(x):
+    """|x - x'| for x' the one-term activations: half a step, max|x| / 254, per group of 32."""
+    b = x.double().reshape(x.shape[0], -1, 32)
+    return (b.abs().amax(-1, keepdim=True) / 254).expand_as(b).reshape(x.shape)
 
 
 def kernels(variant=None):
@@ -27,15 +33,21 @@ def kernels(variant=None):
     return k
 
 
+# every type on two activation terms (the default) and on one (--int8-activations)
+TYPES_AND_TERMS = [pytest.param(q, one, id=q.name + ("-one-term" if one else ""))
+                   for q in LEGACY + K_QUANTS for one in (False, True)]
+
+
 @pytest.mark.parametrize("variant", native.VARIANTS)
-@pytest.mark.parametrize("qtype", LEGACY + K_QUANTS, ids=lambda q: q.name)
-def test_quantized_linear_matches_reference(qtype, variant):
+@pytest.mark.parametrize("qtype,one_term", TYPES_AND_TERMS)
+def test_quantized_linear_matches_reference(qtype, one_term, variant):
     ks = kernels(variant)
     torch.manual_seed(int(qtype))
+    terms = activation_terms(qtype, one_term)
     shapes = [(40, 256), (16, 512)] + ([(7, 96), (9, 32)] if qtype in LEGACY else [])
     for rows, cols in shapes:
         w = weight(qtype, rows, cols, rows)
-        lin = QuantLinear([w], threads=2, kernels=ks)
+        lin = QuantLinear([w], threads=2, kernels=ks, one_term=one_term)
         wf = w.dequantize().double()
         for m in (1, 5):
             x = torch.randn(m, cols)
@@ -43,12 +55,16 @@ def test_quantized_linear_matches_reference(qtype, variant):
             # exact arithmetic on the quantized activations, up to float32 rounding; the bound
             # scales with the terms summed (|x| |w|), since a zero point's term cancels much of
             # the integer dot product's (a wrong index or scale errs by the result's own size)
-            xq = quantized_activations(x)
+            xq = quantized_activations(x, terms)
             want, size = xq @ wf.T, xq.abs() @ wf.abs().T
             assert ((y - want).abs() <= 1e-5 * size.max(dim=1, keepdim=True).values).all(), (rows, cols, m)
-            # and close to the float reference: two int8 terms are about 16-bit precision
+            # and close to the float reference: two int8 terms are about 16-bit precision; one
+            # rounds each activation by at most half its step, max|x| / 254 in its group of 32
             ref = reference.linear(x, [w]).double()
-            assert (y - ref).norm() / ref.norm() < 1e-4
+            if terms == 2:
+                assert (y - ref).norm() / ref.norm() < 1e-4
+            else:
+                assert ((y - ref).abs() <= 1.001 * rounding_bound(x) @ wf.abs().T + 1e-4).all()
 
 
 @pytest.mark.parametrize("variant", native.VARIANTS)
@@ -61,19 +77,20 @@ def test_fused_parts_of_mixed_types_with_bias(variant):
         w.shape[0]).astype(np.float32).view(np.uint8).reshape(1, -1)) for i, w in enumerate(ws)]
     lin = QuantLinear(ws, biases, threads=2, kernels=ks)
     x = torch.randn(6, 256)
-    want = quantized_activations(x) @ torch.cat([w.dequantize() for w in ws]).double().T
+    want = expected_product(x, ws)
     want += torch.cat([b.dequantize() for b in biases]).double()
     assert (lin(x).double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 @pytest.mark.parametrize("variant", native.VARIANTS)
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K], ids=lambda q: q.name)
-def test_a_rows_result_does_not_depend_on_its_batch(qtype, variant):
+@pytest.mark.parametrize("qtype,one_term", [(Q.Q4_1, False), (Q.Q8_0, False), (Q.Q8_0, True), (Q.Q6_K, False)],
+                         ids=["Q4_1", "Q8_0", "Q8_0-one-term", "Q6_K"])
+def test_a_rows_result_does_not_depend_on_its_batch(qtype, one_term, variant):
     ks = kernels(variant)
     w = weight(qtype, 48, 512, 5)
     x = torch.randn(11, 512)
     for threads in (1, 2):
-        lin = QuantLinear([w], threads=threads, kernels=ks)
+        lin = QuantLinear([w], threads=threads, kernels=ks, one_term=one_term)
         full = lin(x)
         for start, stop in [(0, 1), (3, 4), (2, 9), (10, 11)]:
             assert torch.equal(lin(x[start:stop].clone()), full[start:stop])
@@ -83,8 +100,8 @@ def test_a_rows_result_does_not_depend_on_its_batch(qtype, variant):
         assert torch.equal(lin(wide[:, 100:612]), full)
 
 
-@pytest.mark.parametrize("qtype", LEGACY + K_QUANTS, ids=lambda q: q.name)
-def test_amx_tiles_give_the_vnni_paths_bits(qtype):
+@pytest.mark.parametrize("qtype,one_term", TYPES_AND_TERMS)
+def test_amx_tiles_give_the_vnni_paths_bits(qtype, one_term):
     """Batches of 16+ rows run on AMX where the CPU has it; a row must come out the same either
     way, or batch invariance would break at 16 rows."""
     ks = kernels()
@@ -92,7 +109,7 @@ def test_amx_tiles_give_the_vnni_paths_bits(qtype):
         pytest.skip("no AMX here (or the kernel did not grant tile state)")
     torch.manual_seed(1)
     w = weight(qtype, 48, 512, 9)
-    lin = QuantLinear([w], threads=2, kernels=ks)
+    lin = QuantLinear([w], threads=2, kernels=ks, one_term=one_term)
     x = torch.randn(37, 512)  # two AMX tiles and a 5-row tail
     try:
         amx = lin(x)
@@ -213,10 +230,11 @@ def test_every_isa_build_gives_the_same_bits(qtype):
     x = torch.randn(37, 512) * 3  # 37 rows: MR tiles, a tail, and (on AMX) two 16-row tiles
     x[0, :32] = 0.0  # an all-zero block (amax = 0)
     x[1, 5] = 1e4  # one large value in a block: the rest round to small integers
-    outs = {v: QuantLinear([w], threads=2, kernels=kernels(v))(x) for v in RUNNABLE}
-    ref = outs[RUNNABLE[-1]]
-    for v, y in outs.items():
-        assert torch.equal(y, ref), f"{v} differs from {RUNNABLE[-1]} by {(y - ref).abs().max():.3g}"
+    for one_term in (False, True):
+        outs = {v: QuantLinear([w], threads=2, kernels=kernels(v), one_term=one_term)(x) for v in RUNNABLE}
+        ref = outs[RUNNABLE[-1]]
+        for v, y in outs.items():
+            assert torch.equal(y, ref), f"{v} differs from {RUNNABLE[-1]} by {(y - ref).abs().max():.3g} ({one_term=})"
 
 
 def test_max_cpu_isa_caps_the_choice(monkeypatch):

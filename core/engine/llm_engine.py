@@ -76,6 +76,7 @@ class LLMEngine:
         info = (registry or get_registry()).select(config.device)
         self.backend_info = info
         self.backend = info.cls(BackendOptions(threads=config.threads, exact=config.exact, dtype=config.dtype,
+                                               int8_activations=config.int8_activations,
                                                memory_utilization=config.memory_utilization,
                                                eager=config.eager,
                                                max_num_batched_tokens=config.scheduler.max_num_batched_tokens,

@@ -53,7 +53,8 @@ class CpuGgufBackend(Backend):
     priority = 10
     quant_formats = GGUF_TYPES
     dtypes = ("float32", "float16")
-    description = ("CPU, GGUF weights kept quantized (int8-activation kernels; --exact: float32 reference), "
+    description = ("CPU, GGUF weights kept quantized (integer kernels on two int8 terms per activation, or "
+                   "one with --int8-activations; --exact: float32 reference), "
                    "paged attention over a head-major block pool")
 
     def __init__(self, options: BackendOptions | None = None):
@@ -137,7 +138,8 @@ class CpuGgufBackend(Backend):
 
         kernels = None if self.options.exact else native.quant_matmul()
         if QuantLinear.accepts(weights, kernels):
-            return QuantLinear(weights, biases, threads=self.threads, kernels=kernels)
+            return QuantLinear(weights, biases, threads=self.threads, kernels=kernels,
+                               one_term=self.options.int8_activations)
         return DenseLinear(weights, biases)
 
     def layer_ops(self):

@@ -52,8 +52,8 @@ class QuantLinear:
 
     accepts = staticmethod(PackedLinear.accepts)
 
-    def __init__(self, weights, biases=None, threads: int = 1, kernels=None):
-        self.packed = PackedLinear(weights, biases, threads, kernels)
+    def __init__(self, weights, biases=None, threads: int = 1, kernels=None, one_term: bool = False):
+        self.packed = PackedLinear(weights, biases, threads, kernels, one_term=one_term)
         self.in_features, self.out_features = self.packed.in_features, self.packed.out_features
         self.nbytes = self.packed.nbytes
 

@@ -283,7 +283,7 @@ class QuantMatmul:
         self.repack = lib.ember_repack
         self.repack.argtypes, self.repack.restype = [i32, p, i64, i64, p, i32], i32
         self.new = lib.ember_qlinear_new
-        self.new.argtypes, self.new.restype = [i32, p, p, p, i64, p, i32], p
+        self.new.argtypes, self.new.restype = [i32, p, p, p, i64, p, i32, i32], p
         self.run = lib.ember_qlinear_run
         self.run.argtypes, self.run.restype = [p, p, i64, i64, p], i32
         self.free = lib.ember_qlinear_free

@@ -10,6 +10,10 @@ import weakref
 
 import numpy as np
 
+# csrc/quant_matmul.c's EMBER_QMM_ONE_TERM: one int8 term per activation instead of two (the
+# --int8-activations option)
+ONE_TERM = 1
+
 
 def dequantize_np(weight) -> np.ndarray:
     """A GGUF tensor as float32 numpy, through the gguf package's own dequantizers (the same
@@ -22,7 +26,7 @@ def dequantize_np(weight) -> np.ndarray:
 class PackedLinear:
     """y = x @ W.T (+ b) for weights concatenated along the output dimension, in one C call."""
 
-    def __init__(self, weights, biases=None, threads: int = 1, kernels=None):
+    def __init__(self, weights, biases=None, threads: int = 1, kernels=None, one_term: bool = False):
         from ember_cpu_gguf import native
 
         self.kernels = kernels or native.quant_matmul()
@@ -52,7 +56,8 @@ class PackedLinear:
         rows = (ctypes.c_int64 * n)(*(w.shape[0] for w in weights))
         # the handle copies the part lists; it points into self.buffers and self.bias
         self.handle = self.kernels.new(n, types, ptrs, rows, self.in_features,
-                                       self.bias.ctypes.data if self.bias is not None else None, threads)
+                                       self.bias.ctypes.data if self.bias is not None else None, threads,
+                                       ONE_TERM if one_term else 0)
         if not self.handle:
             raise MemoryError("cannot allocate the quantized linear's handle")
         weakref.finalize(self, self.kernels.free, self.handle)

@@ -90,7 +90,7 @@ class NativeModelRunner(ModelRunner):
         def linear(names, bias=False):
             ws = [weights[n + ".weight"] for n in names]
             bs = [weights.get(n + ".bias") for n in names] if bias else None
-            return PackedLinear(ws, bs, threads, qmm)
+            return PackedLinear(ws, bs, threads, qmm, one_term=backend.options.int8_activations)
 
         def norm(name):
             return np.ascontiguousarray(dequantize_np(weights[name]).reshape(-1))

@@ -35,7 +35,7 @@ WEAK int ember_qmm_amx(void);
 WEAK int64_t ember_repacked_size(int t, int64_t N, int64_t K);
 WEAK int ember_repack(int t, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, int threads);
 WEAK void *ember_qlinear_new(int nparts, const int *types, const void *const *data, const int64_t *ns, int64_t K,
-                             const float *bias, int threads);
+                             const float *bias, int threads, int flags);
 WEAK int ember_qlinear_run(const void *handle, const float *x, int64_t ldx, int64_t M, float *y);
 WEAK void ember_qlinear_free(void *handle);
 /* paged_attention.c */
@@ -166,16 +166,16 @@ static int64_t run_call(Call *c) {
         return 0;
     }
     if (!strcmp(op, "qlinear")) {
-        /* ints: nparts, K, M, ldx, threads; arrays: types (i32[nparts]), ns (i64[nparts]), x, bias or
+        /* ints: nparts, K, M, ldx, threads, flags; arrays: types (i32[nparts]), ns (i64[nparts]), x, bias or
          * NULL, then each part's GGUF blocks. Repacks each part (ember_repack, as packed.py does),
          * then ember_qlinear_new + ember_qlinear_run into y [M, N], which is the reply's first extra
          * array, followed by the repacked parts. rc: the first failing repack's code, or run's. */
         if (!ember_qlinear_run) return NOT_LINKED;
         const int nparts = (int)I(0);
         if (nparts < 1 || nparts > MAX_PARTS) die("qlinear: bad part count");
-        need(c, 5, 0, 4 + nparts);
+        need(c, 6, 0, 4 + nparts);
         const int64_t K = I(1), M = I(2), ldx = I(3);
-        const int threads = (int)I(4);
+        const int threads = (int)I(4), flags = (int)I(5);
         const int32_t *types = A(0);
         const int64_t *ns = A(1);
         int64_t N = 0;
@@ -198,7 +198,7 @@ static int64_t run_call(Call *c) {
             data[p] = buf;
         }
         if (rc) return rc;
-        void *h = ember_qlinear_new(nparts, types, data, ns, K, A(3), threads);
+        void *h = ember_qlinear_new(nparts, types, data, ns, K, A(3), threads, flags);
         if (!h) return -100;
         rc = ember_qlinear_run(h, A(2), ldx, M, y);
         ember_qlinear_free(h);

@@ -255,7 +255,7 @@ def _x86_info(c, arrs, variant, native):
 
 def _x86_qlinear(c, arrs, variant, native):
     ks = native.quant_matmul(variant)
-    nparts, K, M, ldx, threads = c.ints
+    nparts, K, M, ldx, threads, flags = c.ints
     types, ns, x, bias = arrs[0].view(np.int32), arrs[1].view(np.int64), arrs[2], arrs[3]
     N = int(ns.sum())
     y = np.full(M * N, np.nan, np.float32)
@@ -269,7 +269,7 @@ def _x86_qlinear(c, arrs, variant, native):
     if rc == 0:
         n = len(bufs)
         h = ks.new(n, (ctypes.c_int * n)(*map(int, types)), (ctypes.c_void_p * n)(*(b.ctypes.data for b in bufs)),
-                   (ctypes.c_int64 * n)(*map(int, ns)), K, _ptr(bias), threads)
+                   (ctypes.c_int64 * n)(*map(int, ns)), K, _ptr(bias), threads, flags)
         assert h
         rc = ks.run(h, x.ctypes.data, ldx, M, y.ctypes.data)
         ks.free(h)
