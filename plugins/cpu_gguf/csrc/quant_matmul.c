@@ -960,7 +960,7 @@ static inline __attribute__((always_inline)) __m256i terms_dot(const int bits, c
         }
         return dot;
     }
-    const int per = bits <= 4 ? 8 : bits == 5 ? 4 : 2;
+    const int per = bits <= 4 ? 8 : 2; /* 5-bit could take 4 (see term_dot), but pairs measured faster here */
     for (int j = j0; j < j1; j += per) {
         __m256i ph = _mm256_maddubs_epi16(v[j], bcast4(qh + 4 * j)), pl = _mm256_maddubs_epi16(v[j], bcast4(ql + 4 * j));
         for (int i = 1; i < per && j + i < j1; i++) {
@@ -1328,7 +1328,9 @@ int ember_qlinear(int nparts, const int *types, const void *const *data, const i
         col[p] = p ? col[p - 1] + ns[p - 1] : 0;
     }
     const int64_t panels = first[nparts];
-    const int64_t chunk = panels / (threads * CHUNK_DIV) > 2 ? panels / (threads * CHUNK_DIV) : 2;
+    /* a few long runs of panels per thread where the weights stream from memory (a row or two: see
+     * below), runs of 2 where each panel is computed on from cache for many rows */
+    const int64_t chunk = M <= 2 && panels / (threads * CHUNK_DIV) > 2 ? panels / (threads * CHUNK_DIV) : 2;
 #ifdef EMBER_AMX
     const int use_amx = M >= 16 && amx_enabled && amx_available();
 #endif
