@@ -261,10 +261,11 @@ for variant in [v for v in native.VARIANTS if native.runnable(v)[0]]:
         per, nbytes = GGML_QUANT_SIZES[qtype]
         for rows in (40, 48):  # whole panels end at the buffer's end: an overrun is caught
             data = rng.integers(0, 256, (rows, 256 // per * nbytes), dtype=np.uint8)
-            lin = PackedLinear([QuantWeight("w", qtype, (rows, 256), data)], None, 2, ks)
-            for m in (1, 37):
-                x, y = rng.standard_normal((m, 256)).astype(np.float32), np.empty((m, rows), np.float32)
-                lin.run(x.ctypes.data, 256, m, y.ctypes.data)
+            for one_term in (False, True):
+                lin = PackedLinear([QuantWeight("w", qtype, (rows, 256), data)], None, 2, ks, one_term=one_term)
+                for m in (1, 2, 37):  # the 1-2 row tiles, and 4-row tiles with a tail
+                    x, y = rng.standard_normal((m, 256)).astype(np.float32), np.empty((m, rows), np.float32)
+                    lin.run(x.ctypes.data, 256, m, y.ctypes.data)
 print("clean")
 """
 
