@@ -88,6 +88,21 @@ def test_native_runner_matches_torch_runner(smollm2_gguf, monkeypatch):
     np.testing.assert_array_equal(got_logits, want_logits)
 
 
+def test_cli_passes_int8_activations_to_the_engine(smollm2_gguf):
+    """`--int8-activations` on run, serve and bench reaches the backend's options (and so the
+    kernels' flag); without it the default numerics run."""
+    from ember import cli
+
+    for command in (["run", "m"], ["serve", "m"], ["bench", "throughput", "--model", "m"]):
+        for flag in ([], ["--int8-activations"]):
+            args = cli.build_parser().parse_args(command + flag)
+            assert args.int8_activations is bool(flag)
+    args = cli.build_parser().parse_args(["run", "m", "--int8-activations", "--kv-cache-memory", "64M"])
+    llm = cli._make_llm(args, smollm2_gguf)
+    assert llm.engine.backend.options.int8_activations
+    assert llm.engine.runner.lm_head.one_term
+
+
 @pytest.mark.slow
 def test_int8_activations_run_the_same_on_both_runners(smollm2_gguf, monkeypatch):
     """--int8-activations reaches every quantized linear on both runners (the same prompt logits,

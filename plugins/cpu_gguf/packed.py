@@ -32,6 +32,7 @@ class PackedLinear:
         self.kernels = kernels or native.quant_matmul()
         if not self.accepts(weights, self.kernels):
             raise ValueError("PackedLinear needs quantized weights of one width, in types the kernel supports")
+        self.one_term = one_term
         self.in_features = weights[0].shape[1]
         self.out_features = sum(w.shape[0] for w in weights)
         self.buffers = []
