@@ -192,21 +192,21 @@ typedef struct {
     int scales; /* SC_*: how s and m are stored */
     int z; /* the zero point of SC_F16Z and SC_K6: m = 0 - z * s */
     int sub; /* values per scale: 32, or 16 (Q6_K) */
-    int terms; /* the activation terms multiplied: 1 (hi) or 2 (hi and lo; see Activations below) */
+    int terms; /* the activation terms multiplied, set by fmt_for: 1 (hi) or 2 (hi and lo; see Activations) */
 } Fmt;
 
 static Fmt fmt_of(int t) {
     switch (t) {
-    case T_Q4_0: return (Fmt){4, SC_F16Z, 8, 32, 2};
-    case T_Q4_1: return (Fmt){4, SC_F16, 0, 32, 2};
-    case T_Q5_0: return (Fmt){5, SC_F16Z, 16, 32, 2};
-    case T_Q5_1: return (Fmt){5, SC_F16, 0, 32, 2};
-    case T_Q8_0: return (Fmt){8, SC_F16Z, 128, 32, 2};
-    case T_Q4_K: return (Fmt){4, SC_K4, 0, 32, 2};
-    case T_Q5_K: return (Fmt){5, SC_K4, 0, 32, 2};
-    case T_Q2_K: return (Fmt){2, SC_K2, 0, 16, 2};
-    case T_Q3_K: return (Fmt){3, SC_K3, 4, 16, 2};
-    default: return (Fmt){6, SC_K6, 32, 16, 2}; /* Q6_K */
+    case T_Q4_0: return (Fmt){4, SC_F16Z, 8, 32};
+    case T_Q4_1: return (Fmt){4, SC_F16, 0, 32};
+    case T_Q5_0: return (Fmt){5, SC_F16Z, 16, 32};
+    case T_Q5_1: return (Fmt){5, SC_F16, 0, 32};
+    case T_Q8_0: return (Fmt){8, SC_F16Z, 128, 32};
+    case T_Q4_K: return (Fmt){4, SC_K4, 0, 32};
+    case T_Q5_K: return (Fmt){5, SC_K4, 0, 32};
+    case T_Q2_K: return (Fmt){2, SC_K2, 0, 16};
+    case T_Q3_K: return (Fmt){3, SC_K3, 4, 16};
+    default: return (Fmt){6, SC_K6, 32, 16}; /* Q6_K */
     }
 }
 
@@ -214,7 +214,7 @@ static Fmt fmt_of(int t) {
  * (EMBER_QMM_ONE_TERM, the --int8-activations option) */
 static Fmt fmt_for(int t, int flags) {
     Fmt f = fmt_of(t);
-    if (flags & EMBER_QMM_ONE_TERM) f.terms = 1;
+    f.terms = flags & EMBER_QMM_ONE_TERM ? 1 : 2;
     return f;
 }
 static int is_k(Fmt f) { return f.scales >= SC_K4; }
@@ -807,7 +807,27 @@ static inline __m256i bcast4(const int8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
-/* ints16 for half h of the panel (rows 8h .. 8h+7); Q8_0's bytes as signed q = u - 128 */
+/* Vector J of half h of a group (rows 8h .. 8h+7): values 4J .. 4J+3 of each row, as ints16 has
+ * them; Q8_0's bytes as signed q = u - 128 */
+static inline __attribute__((always_inline)) __m256i int8_at(const int bits, const uint8_t *ints, int h, int J) {
+    const __m256i lo4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1), three = _mm256_set1_epi8(3);
+#define LD(off) _mm256_loadu_si256((const __m256i *)(ints + (off) + 32 * h))
+    if (bits == 8) return _mm256_xor_si256(LD(64 * J), _mm256_set1_epi8((char)0x80));
+    if (bits < 4) {
+        __m256i v = _mm256_and_si256(_mm256_srli_epi16(LD(64 * (J / 4)), 2 * (J % 4)), three);
+        if (bits == 3) v = _mm256_or_si256(v, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(LD(128), J), one), 2));
+        return v;
+    }
+    const __m256i t = LD(64 * (J % 4));
+    __m256i v = J < 4 ? _mm256_and_si256(t, lo4) : _mm256_and_si256(_mm256_srli_epi16(t, 4), lo4);
+    if (bits == 5) v = _mm256_or_si256(v, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(LD(256), J), one), 4));
+    if (bits == 6)
+        v = _mm256_or_si256(v, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(LD(256 + 64 * (J / 4)), 2 * (J % 4)), three), 4));
+    return v;
+#undef LD
+}
+
+/* All eight of a group's vectors for half h: int8_at's bytes, each shared plane loaded once */
 static inline __attribute__((always_inline)) void ints8(const int bits, const uint8_t *ints, int h, __m256i v[8]) {
     const __m256i lo4 = _mm256_set1_epi8(0x0F);
 #define LD(off) _mm256_loadu_si256((const __m256i *)(ints + (off) + 32 * h))
@@ -845,25 +865,6 @@ static inline __attribute__((always_inline)) void ints8(const int bits, const ui
                 v[4 * p + t] = _mm256_or_si256(v[4 * p + t], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * t), three), 4));
         }
     }
-#undef LD
-}
-
-/* ints8's v[J] alone (the same bytes), made where it is used */
-static inline __attribute__((always_inline)) __m256i int8_at(const int bits, const uint8_t *ints, int h, int J) {
-    const __m256i lo4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1), three = _mm256_set1_epi8(3);
-#define LD(off) _mm256_loadu_si256((const __m256i *)(ints + (off) + 32 * h))
-    if (bits == 8) return _mm256_xor_si256(LD(64 * J), _mm256_set1_epi8((char)0x80));
-    if (bits < 4) {
-        __m256i v = _mm256_and_si256(_mm256_srli_epi16(LD(64 * (J / 4)), 2 * (J % 4)), three);
-        if (bits == 3) v = _mm256_or_si256(v, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(LD(128), J), one), 2));
-        return v;
-    }
-    const __m256i t = LD(64 * (J % 4));
-    __m256i v = J < 4 ? _mm256_and_si256(t, lo4) : _mm256_and_si256(_mm256_srli_epi16(t, 4), lo4);
-    if (bits == 5) v = _mm256_or_si256(v, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(LD(256), J), one), 4));
-    if (bits == 6)
-        v = _mm256_or_si256(v, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(LD(256 + 64 * (J / 4)), 2 * (J % 4)), three), 4));
-    return v;
 #undef LD
 }
 
@@ -916,64 +917,49 @@ static inline __attribute__((always_inline)) void scales8(const int kind, const 
 }
 #undef QB
 
-/* u . q for one int8 term q over vectors j0 .. j1-1, times `by` (256 or 1), in int32.
+/* The integer dot of a row's activations with vectors j0 .. j1-1: 256 * (u . hi), plus u . lo for
+ * two terms, each vector used by both terms as soon as it is made (two passes over v[] kept all
+ * eight vectors live, and the registers spilled).
  *
  * vpmaddubsw multiplies unsigned weight bytes by signed activation bytes and adds neighbours into
  * int16 with saturation, so each format is arranged to never saturate, keeping the sums exact:
  *   2- to 4-bit (u <= 15): |pair| <= 2 * 15 * 127 = 3810, a group's eight vectors summed in int16
  *       (at most 30480) before one vpmaddwd takes them to int32;
- *   5-bit (u <= 31): |pair| <= 7874, four at a time; 6-bit (u <= 63): |pair| <= 16002, two;
+ *   5-bit (u <= 31): |pair| <= 7874, four at a time (pairs with two terms: measured faster);
+ *   6-bit (u <= 63): |pair| <= 16002, two at a time;
  *   Q8_0 (u = q + 128 up to 255): the product is taken as |q| * (a * sign q), both within range
  *       (|q| <= 128, |a| <= 127: |pair| <= 32512), one vector at a time, and
- *       u . a = q . a + 128 * sum(a) restores the unsigned dot exactly (q8_offset). */
-static inline __attribute__((always_inline)) __m256i term_dot(const int bits, const __m256i v[8], const int8_t *q,
-                                                              const int j0, const int j1, const __m256i by) {
-    __m256i dot = _mm256_setzero_si256();
-    if (bits == 8) {
-        for (int j = j0; j < j1; j++) {
-            const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(v[j]), _mm256_sign_epi8(bcast4(q + 4 * j), v[j]));
-            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(p, by));
-        }
-        return dot;
-    }
-    const int per = bits <= 4 ? 8 : bits == 5 ? 4 : 2;
-    for (int j = j0; j < j1; j += per) {
-        __m256i p = _mm256_maddubs_epi16(v[j], bcast4(q + 4 * j));
-        for (int i = 1; i < per && j + i < j1; i++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(v[j + i], bcast4(q + 4 * (j + i))));
-        dot = j == j0 ? _mm256_madd_epi16(p, by) : _mm256_add_epi32(dot, _mm256_madd_epi16(p, by));
-    }
-    return dot;
-}
-
-/* 256 * (u . hi) + u . lo: term_dot's two sums interleaved, each vector used by both terms as soon
- * as it is made (two passes over v[] kept all eight vectors live, and the registers spilled) */
-static inline __attribute__((always_inline)) __m256i terms_dot(const int bits, const __m256i v[8], const int8_t *qh,
-                                                               const int8_t *ql, const int j0, const int j1) {
+ *       u . a = q . a + 128 * sum(a) restores the unsigned dot exactly (q8_offset, added by the
+ *       caller). */
+static inline __attribute__((always_inline)) __m256i group_dot(const int bits, const int terms, const __m256i v[8],
+                                                               const int8_t *qh, const int8_t *ql, const int j0,
+                                                               const int j1) {
     const __m256i by256 = _mm256_set1_epi16(256), by1 = _mm256_set1_epi16(1);
+    const int per = bits <= 4 ? 8 : bits == 5 && terms == 1 ? 4 : bits == 8 ? 1 : 2;
     __m256i dot = _mm256_setzero_si256();
-    if (bits == 8) {
-        for (int j = j0; j < j1; j++) {
-            const __m256i aq = _mm256_abs_epi8(v[j]);
-            const __m256i ph = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(bcast4(qh + 4 * j), v[j]));
-            const __m256i pl = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(bcast4(ql + 4 * j), v[j]));
-            dot = _mm256_add_epi32(dot, _mm256_add_epi32(_mm256_madd_epi16(ph, by256), _mm256_madd_epi16(pl, by1)));
-        }
-        return dot;
-    }
-    const int per = bits <= 4 ? 8 : 2; /* 5-bit could take 4 (see term_dot), but pairs measured faster here */
     for (int j = j0; j < j1; j += per) {
-        __m256i ph = _mm256_maddubs_epi16(v[j], bcast4(qh + 4 * j)), pl = _mm256_maddubs_epi16(v[j], bcast4(ql + 4 * j));
-        for (int i = 1; i < per && j + i < j1; i++) {
-            ph = _mm256_add_epi16(ph, _mm256_maddubs_epi16(v[j + i], bcast4(qh + 4 * (j + i))));
-            pl = _mm256_add_epi16(pl, _mm256_maddubs_epi16(v[j + i], bcast4(ql + 4 * (j + i))));
+        __m256i ph = _mm256_setzero_si256(), pl = ph;
+        for (int i = 0; i < per && j + i < j1; i++) {
+            __m256i u = v[j + i], xh = bcast4(qh + 4 * (j + i)), xl = bcast4(ql + 4 * (j + i));
+            if (bits == 8) {
+                xh = _mm256_sign_epi8(xh, u);
+                xl = _mm256_sign_epi8(xl, u);
+                u = _mm256_abs_epi8(u);
+            }
+            const __m256i mh = _mm256_maddubs_epi16(u, xh);
+            ph = i ? _mm256_add_epi16(ph, mh) : mh;
+            if (terms == 2) {
+                const __m256i ml = _mm256_maddubs_epi16(u, xl);
+                pl = i ? _mm256_add_epi16(pl, ml) : ml;
+            }
         }
-        dot = _mm256_add_epi32(dot, _mm256_add_epi32(_mm256_madd_epi16(ph, by256), _mm256_madd_epi16(pl, by1)));
+        __m256i d = _mm256_madd_epi16(ph, by256);
+        if (terms == 2) d = _mm256_add_epi32(d, _mm256_madd_epi16(pl, by1));
+        dot = _mm256_add_epi32(dot, d);
     }
     return dot;
 }
 
-/* Halves h0 .. h0+nh-1 of one panel (output rows 8h .. 8h+7) against activation rows m0 ..
- * m0+mr-1: the VNNI path's integer dot per (row, group), then its two FMAs, lane for lane. */
 /* A panel's integers unpacked once per call where many rows use them (set by ember_qlinear for the
  * thread's current panel, or NULL): ints8's vectors for group g, half h at 512 g + 256 h, the same
  * bytes. At 512 rows, unpacking per 4-row tile cost Q5_0 10 to 13% of its time. */
@@ -991,22 +977,19 @@ static void unpack_panel(Fmt f, const uint8_t *w, int64_t ng, uint8_t *dst) {
 #undef UNPACK
 }
 
+/* Half h of one panel (output rows 8h .. 8h+7) against activation rows m0 .. m0+mr-1: the VNNI
+ * path's integer dot per (row, group), then its two FMAs, lane for lane. */
 static inline __attribute__((always_inline)) void half_t(const int bits, const int kind, const int z, const int sub,
                                                           const int terms, const int mr, const Fmt f, const uint8_t *w,
                                                           int64_t ng, const Acts *a, int64_t m0, float out[][16],
-                                                          const int h0, const int nh, const int first) {
+                                                          const int h, const int first) {
     const int64_t k = a->k;
-    const __m256i by256 = _mm256_set1_epi16(256), by1 = _mm256_set1_epi16(1);
-    __m256 accs[2][MR];
-    for (int hh = 0; hh < nh; hh++)
-        for (int r = 0; r < mr; r++) accs[hh][r] = _mm256_setzero_ps();
+    __m256 acc[MR];
+    for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *ints = group_ints(f, w, g), *sc = group_scales(f, w, g);
         if (first)
             for (int64_t off = 0; off < int_bytes(f); off += 64) _mm_prefetch((const char *)ints + PF_BYTES + off, _MM_HINT_T0);
-      for (int hh = 0; hh < nh; hh++) {
-        const int h = h0 + hh;
-        __m256 *acc = accs[hh];
         __m256i v[8];
         if (unpacked)
             for (int j = 0; j < 8; j++) v[j] = _mm256_load_si256((const __m256i *)(unpacked + 512 * g + 256 * h + 32 * j));
@@ -1018,18 +1001,15 @@ static inline __attribute__((always_inline)) void half_t(const int bits, const i
             const int j0 = t * sub / 4, j1 = j0 + sub / 4;
             for (int r = 0; r < mr; r++) {
                 const int64_t row = m0 + r, e = g * 32;
-                __m256i dot = terms == 2 ? terms_dot(bits, v, a->hi + row * k + e, a->lo + row * k + e, j0, j1)
-                                         : term_dot(bits, v, a->hi + row * k + e, j0, j1, by256);
+                __m256i dot = group_dot(bits, terms, v, a->hi + row * k + e, a->lo + row * k + e, j0, j1);
                 if (bits == 8) dot = _mm256_add_epi32(dot, _mm256_set1_epi32(q8_offset(a, row, g, terms)));
                 const float dx = a->d[row * (k / 32) + g], sx = act_sum(a, row, g, sub, t, terms);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(dx)), acc[r]);
                 acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sx), acc[r]);
             }
         }
-      }
     }
-    for (int hh = 0; hh < nh; hh++)
-        for (int r = 0; r < mr; r++) _mm256_storeu_ps(out[r] + 8 * (h0 + hh), accs[hh][r]);
+    for (int r = 0; r < mr; r++) _mm256_storeu_ps(out[r] + 8 * h, acc[r]);
 }
 
 /* One or two activation rows against the whole panel, group by group, so the weights stream from
@@ -1042,7 +1022,7 @@ static inline __attribute__((always_inline)) void rows_t(const int bits, const i
                                                           const int first) {
     const int64_t k = a->k;
     const __m256i by256 = _mm256_set1_epi16(256), by1 = _mm256_set1_epi16(1);
-    const int per = bits <= 4 ? 8 : bits == 5 ? 4 : bits == 6 ? 2 : 1; /* see term_dot */
+    const int per = bits <= 4 ? 8 : bits == 5 ? 4 : bits == 6 ? 2 : 1; /* see group_dot */
     __m256 acc[2][2];
     for (int h = 0; h < 2; h++)
         for (int r = 0; r < mr; r++) acc[h][r] = _mm256_setzero_ps();
@@ -1063,7 +1043,7 @@ static inline __attribute__((always_inline)) void rows_t(const int bits, const i
                         for (int h = 0; h < 2; h++) {
                             const __m256i v = int8_at(bits, ints, h, j + i);
                             __m256i u = v, xh = bh, xl = bl;
-                            if (bits == 8) { /* |q| * (a * sign q): see term_dot */
+                            if (bits == 8) { /* |q| * (a * sign q): see group_dot */
                                 u = _mm256_abs_epi8(v);
                                 xh = _mm256_sign_epi8(bh, v);
                                 xl = _mm256_sign_epi8(bl, v);
@@ -1108,8 +1088,8 @@ static inline __attribute__((always_inline)) void panel_t(const int bits, const 
     if (mr <= 2) {
         rows_t(bits, kind, z, sub, terms, mr, f, w, ng, a, m0, out, first);
     } else {
-        half_t(bits, kind, z, sub, terms, mr, f, w, ng, a, m0, out, 0, 1, first);
-        half_t(bits, kind, z, sub, terms, mr, f, w, ng, a, m0, out, 1, 1, 0);
+        half_t(bits, kind, z, sub, terms, mr, f, w, ng, a, m0, out, 0, first);
+        half_t(bits, kind, z, sub, terms, mr, f, w, ng, a, m0, out, 1, 0);
     }
 }
 
