@@ -8,12 +8,17 @@ from dataclasses import dataclass, field
 class RopeScaling:
     """RoPE frequency scaling as GGUF and HF configs describe it."""
 
-    type: str = "none"  # none | linear | yarn | llama3
+    type: str = "none"  # ember.models.registry.ROPE_SCALING_TYPES
     factor: float = 1.0
     original_context_length: int = 0
     # llama3-style scaling
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+    # YaRN: the ramp between extrapolated and interpolated pairs (in rotations over the original
+    # context), and the factor cos/sin are scaled by (0: the paper's 0.1 ln(factor) + 1)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,9 @@ class ModelConfig:
     qk_norm: bool = False  # qwen3 normalises q and k per head
     num_experts: int = 0
     num_experts_per_tok: int = 0
+    # whether the chosen experts' router weights are renormalised to sum to one (Mixtral: yes;
+    # Qwen3-MoE: its config's norm_topk_prob)
+    expert_weights_norm: bool = True
     name: str = ""
 
     @property

@@ -12,7 +12,6 @@ and the engine drops them, the host holds none.
 """
 from __future__ import annotations
 
-import json
 import os
 import zlib
 from dataclasses import dataclass, replace
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from ember.config import ModelConfig, RopeScaling
+from ember.config import ModelConfig
 from ember.gguf import quants
 from ember.gguf.loader import hf_weight_shapes
 
@@ -47,9 +46,6 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 _WEIGHT_TYPES = {"bfloat16": Q.BF16, "float16": Q.F16, "float32": Q.F32}
-# HF model_type -> our architecture name (ember.models.MODEL_FAMILIES)
-_HF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-                     "qwen3_moe": "qwen3moe", "mixtral": "mixtral"}
 
 
 class DummyModelError(ValueError):
@@ -102,80 +98,13 @@ def model_config(spec: DummySpec) -> tuple[ModelConfig, dict | None]:
 
         with GGUFFile(path) as gf:
             return model_config_from_gguf(gf), dict(gf.metadata)
+    from ember.hf.config import model_config_from_hf, read_json
+    from ember.hf.safetensors import CheckpointError
+
     try:
-        hf = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DummyModelError(f"{path}: not a readable JSON config: {e}") from None
-    return config_from_hf(hf, str(path)), None
-
-
-def config_from_hf(hf: dict, where: str = "config") -> ModelConfig:
-    """A Hugging Face config.json (llama, mistral, qwen2, qwen3, qwen3_moe, mixtral) as a ModelConfig."""
-    if not isinstance(hf, dict):
-        raise DummyModelError(f"{where}: a config is a JSON object")
-    model_type = hf.get("model_type")
-    arch = _HF_ARCHITECTURES.get(model_type)
-    if arch is None:
-        raise DummyModelError(f"{where}: model_type {model_type!r} is not supported "
-                              f"(supported: {', '.join(_HF_ARCHITECTURES)})")
-
-    def need(key: str, default=None) -> int:
-        v = hf.get(key, default)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise DummyModelError(f"{where}: {key} must be a positive integer, got {v!r}")
-        return v
-
-    hidden, heads = need("hidden_size"), need("num_attention_heads")
-    kv_heads = need("num_key_value_heads", heads)
-    if heads % kv_heads:
-        raise DummyModelError(f"{where}: num_attention_heads {heads} is not a multiple of "
-                              f"num_key_value_heads {kv_heads}")
-    head_dim = hf.get("head_dim") or (hidden // heads if hidden % heads == 0 else None)
-    if head_dim is None:
-        raise DummyModelError(f"{where}: hidden_size {hidden} is not a multiple of "
-                              f"num_attention_heads {heads} and head_dim is missing")
-    experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
-    ffn = need("moe_intermediate_size") if experts and "moe_intermediate_size" in hf else need("intermediate_size")
-    cfg = ModelConfig(
-        architecture=arch,
-        vocab_size=need("vocab_size"),
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_layers=need("num_hidden_layers"),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=int(head_dim),
-        context_length=need("max_position_embeddings", 4096),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
-        rope_scaling=_rope_scaling(hf.get("rope_scaling"), where),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", arch == "qwen2")),
-        qk_norm=arch in ("qwen3", "qwen3moe"),
-        num_experts=int(experts),
-        num_experts_per_tok=int(hf.get("num_experts_per_tok", 0)) if experts else 0,
-    )
-    if cfg.head_dim % 2:
-        raise DummyModelError(f"{where}: head_dim {cfg.head_dim} must be even")
-    if experts and not 0 < cfg.num_experts_per_tok <= experts:
-        raise DummyModelError(f"{where}: num_experts_per_tok must be in [1, {experts}]")
-    return cfg
-
-
-def _rope_scaling(rs, where: str) -> RopeScaling:
-    if not rs:
-        return RopeScaling()
-    if not isinstance(rs, dict):
-        raise DummyModelError(f"{where}: rope_scaling must be an object or null")
-    kind = rs.get("rope_type") or rs.get("type") or "default"
-    if kind == "default":
-        return RopeScaling()
-    if kind not in ("linear", "llama3"):
-        raise DummyModelError(f"{where}: rope_scaling type {kind!r} is not supported (linear, llama3)")
-    return RopeScaling(type=kind, factor=float(rs.get("factor", 1.0)),
-                       original_context_length=int(rs.get("original_max_position_embeddings", 0)),
-                       low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
-                       high_freq_factor=float(rs.get("high_freq_factor", 4.0)))
+        return model_config_from_hf(read_json(path, "config"), str(path)), None
+    except CheckpointError as e:
+        raise DummyModelError(str(e)) from None
 
 
 class DummyWeight:

@@ -699,15 +699,16 @@ class ModelStore:
     # -- queries ---------------------------------------------------------------------------
 
     def resolve(self, name_or_path: str | os.PathLike) -> Path:
-        """A path to a GGUF file for a stored model name or an existing file path.
+        """A path to a model (a GGUF file, or a Hugging Face directory with its config.json) for
+        a stored model name or an existing path.
 
         A bare name looks in the store first, so a stray file in the working directory called
         like a model does not shadow it."""
         if isinstance(name_or_path, os.PathLike):
             p = Path(name_or_path).expanduser()
-            if p.is_file():
+            if p.is_file() or _is_model_dir(p):
                 return p
-            raise ModelNotFound(f"no such file: {str(p)!r}")
+            raise ModelNotFound(f"no such file or model directory: {str(p)!r}")
         s = name_or_path
         try:
             base, tag = self._canonical(s)
@@ -718,8 +719,10 @@ class ModelStore:
             if present is not None:
                 return present
         p = Path(s).expanduser()
-        if s and p.is_file():
+        if s and (p.is_file() or _is_model_dir(p)):
             return p
+        if s and p.is_dir():
+            raise ModelNotFound(f"{s!r} is a directory without a config.json: not a model directory")
         if base is not None and not s.lower().endswith(".gguf"):
             raise ModelNotFound(
                 f"model {s!r} not found in {self.root}; run `ember pull {s}` first"
@@ -785,3 +788,8 @@ class ModelStore:
                 final.parent.rmdir()
             except OSError:
                 pass
+
+
+def _is_model_dir(p: Path) -> bool:
+    """A Hugging Face model directory: what ember.hf.loader opens."""
+    return p.is_dir() and (p / "config.json").is_file()

@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import logging
 import numbers
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -175,6 +177,61 @@ class Tokenizer:
             chat_template=template if isinstance(template, str) and template.strip() else None,
         )
 
+    @classmethod
+    def from_hf_directory(cls, directory: str | os.PathLike,
+                          extra_stop_ids: Iterable[int] = ()) -> Tokenizer:
+        """Build the tokenizer of a Hugging Face model directory: tokenizer.json (through the
+        `tokenizers` library, as transformers' fast tokenizers are) and tokenizer_config.json
+        (special tokens, BOS/EOS, chat template; or chat_template.jinja beside it).
+        extra_stop_ids: more ids that end generation (generation_config.json's EOS list)."""
+        from ember.hf.safetensors import CheckpointError
+
+        d = Path(directory)
+        path = d / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"{d}: no tokenizer.json (ember reads the `tokenizers` library's "
+                                  f"format; a tokenizer.model alone is not enough)")
+        try:
+            backend = _Backend.from_file(str(path))
+        except Exception as e:  # the library raises plain Exceptions for malformed files
+            raise CheckpointError(f"{path}: not a tokenizer the `tokenizers` library can read: {e}") from None
+        config = _read_tokenizer_config(d)
+        vocab = backend.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise CheckpointError(f"{path}: the vocabulary is empty")
+        tokens = [""] * (max(vocab.values()) + 1)
+        for piece, i in vocab.items():
+            tokens[i] = piece
+        special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+
+        def named(key: str) -> int | None:
+            value = config.get(key)
+            if isinstance(value, dict):  # an AddedToken as transformers serialises it
+                value = value.get("content")
+            if value is None:
+                return None
+            if not isinstance(value, str) or backend.token_to_id(value) is None:
+                raise CheckpointError(f"{d / 'tokenizer_config.json'}: {key} {value!r} is not a token "
+                                      f"of tokenizer.json")
+            return backend.token_to_id(value)
+
+        bos, eos = named("bos_token"), named("eos_token")
+        # Whether tokenizer.json's post-processor puts BOS/EOS around a text, unless the config says.
+        probe_plain = backend.encode("a", add_special_tokens=False).ids
+        probe = backend.encode("a", add_special_tokens=True).ids
+        add_bos = config.get("add_bos_token")
+        if not isinstance(add_bos, bool):
+            add_bos = bos is not None and len(probe) > len(probe_plain) and probe[0] == bos
+        add_eos = config.get("add_eos_token")
+        if not isinstance(add_eos, bool):
+            add_eos = eos is not None and len(probe) > len(probe_plain) and probe[-1] == eos
+        return cls(
+            backend, tokens, special | {i for i in (bos, eos) if i is not None},
+            bos_token_id=bos, eos_token_id=eos, pad_token_id=named("pad_token"),
+            unk_token_id=named("unk_token"), extra_stop_ids=extra_stop_ids,
+            add_bos=add_bos, add_eos=add_eos, chat_template=_chat_template_of(d, config),
+        )
+
     # -- vocabulary -----------------------------------------------------------------------------
 
     @property
@@ -265,6 +322,32 @@ class Tokenizer:
 
 
 # -- builders -----------------------------------------------------------------------------------
+
+
+def _read_tokenizer_config(d: Path) -> dict:
+    from ember.hf.config import read_json
+
+    path = d / "tokenizer_config.json"
+    return read_json(path, "tokenizer config") if path.is_file() else {}
+
+
+def _chat_template_of(d: Path, config: Mapping[str, Any]) -> str | None:
+    """tokenizer_config.json's chat_template (a string, or a list of named ones: the default),
+    else chat_template.jinja beside it (where transformers 4.43 and later save it)."""
+    from ember.hf.safetensors import CheckpointError
+
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None and (d / "chat_template.jinja").is_file():
+        try:
+            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{d / 'chat_template.jinja'}: cannot read: {e}") from None
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{d / 'tokenizer_config.json'}: chat_template must be a string")
+    return template if template and template.strip() else None
 
 
 def _byte_level_bpe(tokens: list[str], added: set[int], metadata: Mapping[str, Any],

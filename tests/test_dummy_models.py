@@ -15,7 +15,9 @@ if not torch.cuda.is_available():  # before triton is imported (test_cuda_kernel
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ember.bench import decode_bytes, random_requests, throughput
-from ember.dummy import (PRESETS, DummyModelError, config_from_hf, dummy_tokenizer, dummy_weights,
+from ember.hf.config import model_config_from_hf as config_from_hf
+from ember.hf.safetensors import CheckpointError
+from ember.dummy import (PRESETS, DummyModelError, dummy_tokenizer, dummy_weights,
                          load_dummy)
 from ember.gguf.loader import hf_weight_shapes
 from ember.llm import LLM
@@ -65,7 +67,7 @@ def test_hf_configs_give_the_same_shapes():
 def test_bad_hf_configs_are_refused_clearly(change, message):
     base = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
-    with pytest.raises(DummyModelError, match=message):
+    with pytest.raises(CheckpointError, match=message):
         config_from_hf({**base, **change})
 
 
@@ -127,9 +129,10 @@ def test_the_tokenizer_is_a_real_byte_level_bpe():
 
 
 def test_a_gguf_source_gives_its_shape_and_tokenizer_but_random_weights(tiny_gguf):
-    from ember.engine.llm_engine import load_model_file
+    from ember.loading import load_model
 
-    _, file_cfg, file_tok, file_w = load_model_file(tiny_gguf)
+    loaded = load_model(tiny_gguf)
+    file_cfg, file_tok, file_w = loaded.config, loaded.tokenizer, loaded.weights
     cfg, tok, w = load_dummy(f"dummy:{tiny_gguf}")
     assert cfg.hidden_size == file_cfg.hidden_size and cfg.num_layers == file_cfg.num_layers
     assert tok.encode("Hello there") == file_tok.encode("Hello there")

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 TORCH_FREE = ["ember.engine.llm_engine", "ember.sampler", "ember.structured", "ember.gguf.loader",
-              "ember.engine.model_runner", "ember.cli", "ember.llm"]
+              "ember.engine.model_runner", "ember.cli", "ember.llm", "ember.loading", "ember.hf.loader",
+              "ember.quant.builtin", "ember.plugins.manager", "ember.models.registry"]
 
 
 def _imports_torch(modules: list[str]) -> bool:

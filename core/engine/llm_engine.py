@@ -48,31 +48,24 @@ class _Request:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled
 
 
-def load_model_file(path):
-    """Open a GGUF file and build everything the engine needs from it."""
-    from ember.gguf.loader import load_gguf_weights, model_config_from_gguf
-    from ember.gguf.reader import GGUFFile
-    from ember.tokenizer import Tokenizer
-
-    gf = GGUFFile(path)
-    cfg = model_config_from_gguf(gf)
-    tokenizer = Tokenizer.from_gguf_metadata(gf.metadata)
-    weights = load_gguf_weights(gf, cfg)
-    return gf, cfg, tokenizer, weights
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, registry=None):
         from ember.store import ModelStore
 
         t0 = time.perf_counter()
         self.config = config
+        self.generation_defaults: dict = {}  # a Hugging Face directory's generation_config.json
+        release_pages = None
         if is_dummy(config.model):  # a shape and random weights: no file behind it
-            self.model_path, self.gguf = None, None
+            self.model_path = None
             cfg, self.tokenizer, weights = load_dummy(config.model, seed=config.seed)
         else:
+            from ember.loading import load_model
+
             self.model_path = ModelStore().resolve(config.model)
-            self.gguf, cfg, self.tokenizer, weights = load_model_file(self.model_path)
+            loaded = load_model(self.model_path)
+            cfg, self.tokenizer, weights = loaded.config, loaded.tokenizer, loaded.weights
+            release_pages, self.generation_defaults = loaded.release_pages, loaded.generation
         info = (registry or get_registry()).select(config.device)
         self.backend_info = info
         self.backend = info.cls(BackendOptions(threads=config.threads, exact=config.exact, dtype=config.dtype,
@@ -91,8 +84,8 @@ class LLMEngine:
         # the runner only needs positions up to the context this engine serves
         self.model_config = replace(cfg, context_length=self.max_model_len)
         self.runner = self.backend.create_model_runner(self.model_config, weights, config.cache)
-        if self.gguf is not None:  # the backend holds what it needs now; the file's pages need not stay resident
-            self.gguf.release_pages()
+        if release_pages is not None:  # the backend holds what it needs now; the file's pages need not stay resident
+            release_pages()
         self.runner.eos_token_ids = set(self.tokenizer.stop_token_ids)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)

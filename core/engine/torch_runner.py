@@ -18,12 +18,9 @@ class TorchModelRunner(ModelRunner):
 
     def __init__(self, backend: Backend, cfg: ModelConfig, weights, cache: CacheConfig,
                  max_positions: int | None = None):
-        from ember.models import MODEL_FAMILIES
+        from ember.models.registry import model_class
 
-        family = MODEL_FAMILIES.get(cfg.architecture)
-        if family is None:
-            raise ValueError(f"no model implementation for architecture {cfg.architecture!r} "
-                             f"(have: {', '.join(sorted(MODEL_FAMILIES))})")
+        family = model_class(cfg.architecture)
         self.backend = backend
         self.cfg = cfg
         self.device = torch.device(backend.device)

@@ -16,6 +16,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ember.config import ModelConfig, RopeScaling
+from ember.models.registry import ARCHITECTURES, ROPE_SCALING_TYPES
 
 from . import quants
 from .reader import GGUFError, GGUFFile
@@ -25,11 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe")
-# llama.cpp's converter interleaves the two rotary halves of each q/k head for these.
-_PERMUTED_QK_ARCHS = ("llama",)
-_QK_NORM_ARCHS = ("qwen3", "qwen3moe")
-_ROPE_SCALING_TYPES = ("none", "linear", "yarn")
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 @dataclass
@@ -81,12 +78,18 @@ def _rope_scaling(gf: GGUFFile, arch: str) -> RopeScaling:
     factor = _meta(gf, f"{arch}.rope.scaling.factor", float, 1.0)
     if kind == "none" and f"{arch}.rope.scale_linear" in gf.metadata:  # older converters
         kind, factor = "linear", _meta(gf, f"{arch}.rope.scale_linear", float)
-    if kind not in _ROPE_SCALING_TYPES:
+    if kind not in ROPE_SCALING_TYPES:
         raise GGUFError(f"{gf.path}: unsupported rope scaling type {kind!r} "
-                        f"(supported: {', '.join(_ROPE_SCALING_TYPES)})")
+                        f"(supported: {', '.join(ROPE_SCALING_TYPES)})")
     if kind == "none" or (kind == "linear" and factor == 1.0):
         return RopeScaling()
     orig = _meta(gf, f"{arch}.rope.scaling.original_context_length", int, 0)
+    if kind == "yarn":
+        if orig <= 0:
+            raise GGUFError(f"{gf.path}: yarn rope scaling needs {arch}.rope.scaling.original_context_length")
+        return RopeScaling(type=kind, factor=factor, original_context_length=orig,
+                           beta_fast=_meta(gf, f"{arch}.rope.scaling.yarn_beta_fast", float, 32.0),
+                           beta_slow=_meta(gf, f"{arch}.rope.scaling.yarn_beta_slow", float, 1.0))
     return RopeScaling(type=kind, factor=factor, original_context_length=orig)
 
 
@@ -117,6 +120,8 @@ def model_config_from_gguf(gf: GGUFFile) -> ModelConfig:
         raise GGUFError(f"{gf.path}: head_dim {head_dim} and rope.dimension_count {rope_dim} "
                         f"must be even, with the rotary part inside the head")
     n_experts = _meta(gf, f"{arch}.expert_count", int, 0)
+    if n_experts and not ARCHITECTURES[arch].experts:
+        raise GGUFError(f"{gf.path}: {arch} with experts ({arch}.expert_count {n_experts}) is not supported")
     n_used = _positive(gf, f"{arch}.expert_used_count") if n_experts else 0
     if n_used > n_experts:
         raise GGUFError(f"{gf.path}: expert_used_count {n_used} > expert_count {n_experts}")
@@ -143,9 +148,10 @@ def model_config_from_gguf(gf: GGUFFile) -> ModelConfig:
         rope_scaling=_rope_scaling(gf, arch),
         tie_word_embeddings="output.weight" not in gf.tensors,
         attention_bias="blk.0.attn_q.bias" in gf.tensors,
-        qk_norm=arch in _QK_NORM_ARCHS,
+        qk_norm=ARCHITECTURES[arch].qk_norm,
         num_experts=n_experts,
         num_experts_per_tok=n_used,
+        expert_weights_norm=_meta(gf, f"{arch}.expert_weights_norm", bool, True),
         name=_meta(gf, "general.name", str, ""),
     )
 
@@ -275,7 +281,7 @@ def load_gguf_weights(gf: GGUFFile, cfg: ModelConfig) -> dict[str, QuantWeight]:
         logger.warning("%s: ignoring %d unknown tensors: %s", gf.path, len(unknown),
                        ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
 
-    permute = cfg.architecture in _PERMUTED_QK_ARCHS
+    permute = ARCHITECTURES[cfg.architecture].gguf_permuted_qk
     out: dict[str, QuantWeight] = {}
     for gname, shape in shapes.items():
         t = gf.tensors[gname]

@@ -6,7 +6,6 @@ or a giant allocation. Tensor data is never copied: `raw()` returns views of a r
 """
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from ember.mapped_file import MappedFile
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -175,32 +176,27 @@ class _Cursor:
         return out
 
 
-class GGUFFile:
+class GGUFFile(MappedFile):
     """A parsed GGUF file; tensor bytes stay in a read-only mmap until `raw()` views them."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+        super().__init__(path)
         self.version = 0
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self.alignment = DEFAULT_ALIGNMENT
         self.data_offset = 0
-        self._mm: mmap.mmap | None = None
-        self._buf: np.ndarray | None = None
-        with open(self.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 4 + 4 + 8 + 8:
-                raise GGUFError(f"{self.path}: file too small to be GGUF ({size} bytes)")
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if self.size < 4 + 4 + 8 + 8:
+            self.close()
+            raise GGUFError(f"{self.path}: file too small to be GGUF ({self.size} bytes)")
         try:
-            self._parse(_Cursor(self._mm, size, self.path))
+            self._parse(_Cursor(self._mm, self.size, self.path))
         except GGUFError:
             self.close()
             raise
         except (struct.error, UnicodeDecodeError, OverflowError) as e:  # belt and braces
             self.close()
             raise GGUFError(f"{self.path}: malformed file: {e}") from e
-        self._buf = np.frombuffer(self._mm, dtype=np.uint8)
 
     def _parse(self, c: _Cursor) -> None:
         magic = bytes(c.buf[0:4])
@@ -288,43 +284,7 @@ class GGUFFile:
         if name not in self.tensors:
             raise KeyError(f"{self.path}: no tensor named {name!r}")
         t = self.tensors[name]
-        return self._buf[t.offset:t.offset + t.nbytes]
-
-    def release_view(self, view: np.ndarray) -> None:
-        """release_pages for one tensor's bytes (a `raw()` view) as soon as the backend has its own
-        copy: the load's peak then holds one copy of the weights, not the file and the copy. Only
-        the whole pages inside the view go; its neighbours' bytes are untouched."""
-        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED") or view.size == 0:
-            return
-        start = view.ctypes.data - self._buf.ctypes.data
-        if not 0 <= start <= len(self._mm) - view.nbytes:
-            return  # not a view of this file
-        first, end = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        if end > first:
-            self._mm.madvise(mmap.MADV_DONTNEED, first, end - first)
-
-    def release_pages(self) -> None:
-        """Let the mapped pages go from this process's resident set once the backend has its own
-        copy of the weights (repacked or dequantized). The mapping stays valid: a later read (an
-        embedding row) faults its page back in from the page cache."""
-        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            self._mm.madvise(mmap.MADV_DONTNEED)
-
-    def close(self) -> None:
-        """Drop the mapping. Views from `raw()` stay valid: the mmap lives until they are gone."""
-        self._buf = None
-        mm, self._mm = self._mm, None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:  # exported views still alive; the GC unmaps it after them
-                pass
-
-    def __enter__(self) -> "GGUFFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        return self.view(t.offset, t.nbytes)
 
     def __repr__(self) -> str:
         return (f"GGUFFile({self.path!r}, version={self.version}, "

@@ -1,6 +1,4 @@
-from ember.models.llama import LlamaModel
+"""The torch model of the llama family, and the registry of the architectures it runs."""
+from ember.models.registry import ARCHITECTURES, HF_MODEL_TYPES, architecture, model_class
 
-MODEL_FAMILIES = {"llama": LlamaModel, "mistral": LlamaModel, "qwen2": LlamaModel, "qwen3": LlamaModel,
-                  "qwen2moe": LlamaModel, "qwen3moe": LlamaModel, "mixtral": LlamaModel}
-
-__all__ = ["LlamaModel", "MODEL_FAMILIES"]
+__all__ = ["ARCHITECTURES", "HF_MODEL_TYPES", "architecture", "model_class"]

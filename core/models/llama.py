@@ -45,10 +45,12 @@ class LlamaLayer:
     def mlp(self, x: torch.Tensor, ops) -> torch.Tensor:
         if not self.cfg.num_experts:
             return self.down(ops.swiglu(self.gate_up(x)))
-        # Mixtral-style routing: softmax over experts, keep the top k, renormalise.
+        # Mixtral-style routing: softmax over experts, keep the top k, renormalise (unless the
+        # model says not to, as Qwen3-MoE's norm_topk_prob may).
         probs = self.router(x).softmax(-1)
         weight, chosen = probs.topk(self.cfg.num_experts_per_tok, dim=-1)
-        weight = weight / weight.sum(-1, keepdim=True)
+        if self.cfg.expert_weights_norm:
+            weight = weight / weight.sum(-1, keepdim=True)
         out = torch.zeros_like(x)
         for j in chosen.unique().tolist():
             rows, slot = (chosen == j).nonzero(as_tuple=True)

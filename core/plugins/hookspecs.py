@@ -17,3 +17,15 @@ def ember_register_backends(register):
     ``device_type``, ``priority`` and the contract ``api_version`` it was written against.
     """
 
+
+
+@hookspec
+def ember_register_quant_methods(register):
+    """Register quant methods: call ``register(method)`` once for each, with an instance of a
+    :class:`ember.quant.QuantMethod` subclass that declares its ``name`` and the contract
+    ``api_version`` it was written against.
+
+    A method reads one family of checkpoints (it recognises their ``quantization_config``) and
+    gives the reference dequantize; backends supply the kernels for the formats it yields.
+    ember's own methods (``gguf``, ``unquantized``) are registered through this same hook.
+    """

@@ -12,8 +12,13 @@ from dataclasses import dataclass
 
 import pluggy
 
+from typing import TYPE_CHECKING
+
 from ember.backend import BACKEND_API_VERSION, Availability, Backend
 from ember.plugins import hookspecs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ember.quant import QuantMethod
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "ember.backends"
@@ -40,12 +45,27 @@ class BackendInfo:
         return self.cls is not None and self.availability.ok
 
 
+@dataclass
+class QuantMethodInfo:
+    name: str
+    plugin: str  # entry-point name, or "ember" for the built-in methods
+    method: "QuantMethod | None"
+    error: str = ""
+
+
 class PluginRegistry:
     def __init__(self, entry_points=None):
+        from ember.quant import builtin
+
         self.pm = pluggy.PluginManager("ember")
         self.pm.add_hookspecs(hookspecs)
         self.backends: dict[str, BackendInfo] = {}
         self.failed: list[BackendInfo] = []
+        self.quant_methods: dict[str, "QuantMethod"] = {}
+        self.failed_quant_methods: list[QuantMethodInfo] = []
+        # ember's own quant methods, registered through the hook a third party's use
+        self.pm.register(builtin, name="ember")
+        self._collect_quant_methods("ember")
         self._load(entry_points if entry_points is not None else md.entry_points(group=ENTRY_POINT_GROUP))
 
     def _load(self, entry_points) -> None:
@@ -65,15 +85,41 @@ class PluginRegistry:
                 )
                 continue
             self._collect(ep.name, dist_name, dist_version)
+            self._collect_quant_methods(ep.name)
+
+    def _only(self, plugin_name: str, hook: str):
+        impl = self.pm.get_plugin(plugin_name)
+        return self.pm.subset_hook_caller(hook, remove_plugins=[p for p in self.pm.get_plugins() if p is not impl])
+
+    def _collect_quant_methods(self, plugin_name: str) -> None:
+        from ember.quant import QUANT_API_VERSION, QuantMethod
+
+        registered: list = []
+        try:
+            self._only(plugin_name, "ember_register_quant_methods")(register=registered.append)
+        except Exception as e:
+            self.failed_quant_methods.append(QuantMethodInfo(plugin_name, plugin_name, None,
+                                                             f"registration failed: {_short_tb(e)}"))
+            return
+        for m in registered:
+            name = getattr(m, "name", None) or repr(m)
+            if not isinstance(m, QuantMethod):
+                err = f"{m!r} is not an instance of an ember.quant.QuantMethod subclass"
+            elif getattr(m, "api_version", None) != QUANT_API_VERSION:
+                err = (f"written for quant API version {getattr(m, 'api_version', None)}, this ember "
+                       f"provides version {QUANT_API_VERSION}")
+            elif name in self.quant_methods:
+                err = "duplicate quant method name"
+            else:
+                self.quant_methods[name] = m
+                continue
+            log.warning("quant method %r of plugin %r refused: %s", name, plugin_name, err)
+            self.failed_quant_methods.append(QuantMethodInfo(name, plugin_name, None, err))
 
     def _collect(self, plugin_name: str, dist_name: str, dist_version: str) -> None:
-        impl = self.pm.get_plugin(plugin_name)
         registered: list[type] = []
-        hook = self.pm.subset_hook_caller("ember_register_backends", remove_plugins=[
-            p for p in self.pm.get_plugins() if p is not impl
-        ])
         try:
-            hook(register=registered.append)
+            self._only(plugin_name, "ember_register_backends")(register=registered.append)
         except Exception as e:
             self.failed.append(BackendInfo(plugin_name, plugin_name, dist_name, dist_version, None,
                                            Availability.no(f"registration failed: {e!r}"),

@@ -18,11 +18,11 @@ from ember.config import CacheConfig, ModelConfig
 from ember.engine.model_runner import HostSampling, ModelRunner, SampleResult, StepInputs, kv_spec_for
 from ember.engine.scheduler import SchedulerOutput
 from ember.engine.sequence import Sequence
+from ember.models.registry import ARCHITECTURES  # every dense one: the MoE ones are refused below
 from ember.ops.rope import rope_tables
 from ember_cpu_gguf import native
 from ember_cpu_gguf.packed import PackedLinear, dequantize_np
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 
 

@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ember.config import ModelConfig
+from ember.models.registry import ARCHITECTURES  # every dense one: the MoE ones are refused below
 from ember.ops.rope import rope_tables
 from ember_tpu import attention
 from ember_tpu.attention import AttentionPlan, PagedInputs
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def dequantize(weight) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Hugging Face model directories: config.json (config), safetensors shards (safetensors), the loader (loader)."""
