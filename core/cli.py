@@ -303,6 +303,16 @@ def cmd_plugins(args) -> int:
     for name, text in extra.items():
         if text:
             print(f"\n{name}: {text}")
+    reg = get_registry()
+    methods = [(m.name, "ember" if type(m).__module__.startswith("ember.") else type(m).__module__.split(".")[0],
+                m.description or "-") for m in reg.quant_methods.values()]
+    methods += [(f.name, f.plugin, f"refused: {f.error}") for f in reg.failed_quant_methods]
+    if methods:
+        print()
+        rows = [("QUANT METHOD", "FROM", "READS")] + methods
+        widths = [max(len(r[i]) for r in rows) for i in range(2)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[2])
     return 0
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "HttpSource",
     "IntegrityError",
     "InvalidModelName",
+    "LocalDirSource",
     "LocalSource",
     "ModelEntry",
     "ModelNotFound",
@@ -59,6 +60,8 @@ __all__ = [
 ]
 
 MODEL_FILE = "model.gguf"
+MODEL_DIR = "model"  # a Hugging Face directory model's files
+DIR_FORMAT = "safetensors"
 MANIFEST_FILE = "manifest.json"
 DEFAULT_TAG = "latest"
 GGUF_MAGIC = b"GGUF"
@@ -69,7 +72,8 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}(:[a-z0-9._-]{1,32})?$")
 
 SPEC_FORMS = (
     "accepted forms: a catalogue name (e.g. `smollm2`), a path to a local .gguf file "
-    "(e.g. `./model.gguf`), or `hf:OWNER/REPO/FILE.gguf`"
+    "(e.g. `./model.gguf`), a Hugging Face model directory (config.json, *.safetensors, "
+    "tokenizer.json), or `hf:OWNER/REPO/FILE.gguf`"
 )
 
 
@@ -302,6 +306,43 @@ class LocalSource(Source):
         return {"size": size}
 
 
+@dataclass
+class LocalDirSource(Source):
+    """A Hugging Face model directory on this machine (config.json, safetensors, tokenizer.json):
+    its top-level files are copied into the store's model directory."""
+
+    path: Path
+
+    @property
+    def uri(self) -> str:  # type: ignore[override]
+        return f"file:{self.path}"
+
+    def files(self) -> list[Path]:
+        # regular files (symlinks followed, as a hub cache's snapshot is made of), hidden ones left out
+        return sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    def fetch_dir(self, dest: Path, on_progress: ProgressCallback | None, progress: bool) -> dict[str, dict]:
+        files = self.files()
+        total = sum(p.stat().st_size for p in files)
+        done, out = 0, {}
+        with _progress_bar(total, f"copy {self.path.name}", progress) as bar:
+            for p in files:
+                h, size = hashlib.sha256(), 0
+                with open(p, "rb") as src, open(dest / p.name, "wb") as f:
+                    while chunk := src.read(CHUNK):
+                        f.write(chunk)
+                        h.update(chunk)
+                        size += len(chunk)
+                        bar.update(len(chunk))
+                        if on_progress is not None:
+                            on_progress("downloading", done + size, total)
+                    f.flush()
+                    os.fsync(f.fileno())
+                done += size
+                out[p.name] = {"size": size, "sha256": h.hexdigest()}
+        return out
+
+
 def hf_endpoint() -> str:
     return (
         os.environ.get("EMBER_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
@@ -532,13 +573,20 @@ class ModelStore:
         return path
 
     def _present(self, base: str, tag: str) -> Path | None:
+        """The stored model's path (its model.gguf, or its model/ directory), if it is whole."""
         d = self._model_dir(base, tag)
-        model = d / MODEL_FILE
         try:
             manifest = json.loads((d / MANIFEST_FILE).read_text())
+            if manifest.get("format") == DIR_FORMAT:
+                model = d / MODEL_DIR
+                files = manifest["files"]
+                if all((model / name).stat().st_size == int(f["size"]) for name, f in files.items()):
+                    return model
+                return None
+            model = d / MODEL_FILE
             if model.stat().st_size == int(manifest["size"]):
                 return model
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
         return None
 
@@ -583,6 +631,10 @@ class ModelStore:
         path = Path(spec).expanduser()
         if path.is_file():
             return name or _name_from_filename(path.name), LocalSource(path.resolve())
+        if _is_model_dir(path):
+            return name or _name_from_filename(path.resolve().name), LocalDirSource(path.resolve())
+        if path.is_dir():
+            raise ModelNotFound(f"{spec!r} is a directory without a config.json: not a model directory")
         if key is None or spec.lower().endswith(".gguf") or os.sep in spec or "/" in spec:
             raise ModelNotFound(f"no such model or file: {spec!r}; {SPEC_FORMS}")
         # A name outside the catalogue is fine if it was pulled before (from a file or the hub).
@@ -590,9 +642,10 @@ class ModelStore:
 
     def pull(self, spec: str | os.PathLike, progress: bool = True, *, name: str | None = None,
              on_progress: ProgressCallback | None = None) -> Path:
-        """Make `spec` available locally and return the path of its model.gguf.
+        """Make `spec` available locally and return its path: a model.gguf, or a model/ directory.
 
-        `spec` is a catalogue name (`smollm2`), a local .gguf path, or `hf:OWNER/REPO/FILE.gguf`;
+        `spec` is a catalogue name (`smollm2`), a local .gguf path, a local Hugging Face model
+        directory, or `hf:OWNER/REPO/FILE.gguf`;
         `name` overrides the name it is stored under. A model already present is returned
         without fetching anything.
 
@@ -625,6 +678,8 @@ class ModelStore:
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{base}@{tag}-", dir=self.root))
         parent_existed = final.parent.exists()
         try:
+            if isinstance(source, LocalDirSource):
+                return self._install_dir(base, tag, source, staging, final, progress, on_progress)
             tmp_model = staging / MODEL_FILE
             with open(tmp_model, "wb") as f:
                 sink = _Sink(f, on_progress, source.size)
@@ -654,15 +709,7 @@ class ModelStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp_manifest, staging / MANIFEST_FILE)
-            final.parent.mkdir(exist_ok=True)
-            if final.exists():
-                # Not a valid model (checked under the lock); move it aside so the rename below
-                # stays a single atomic step.
-                trash = Path(tempfile.mkdtemp(prefix=f".trash-{base}@{tag}-", dir=self.root))
-                os.rename(final, trash / "old")
-                shutil.rmtree(trash, ignore_errors=True)
-            os.rename(staging, final)
-            _fsync_dir(final.parent)
+            self._commit(base, tag, staging, final)
             return final / MODEL_FILE
         except BaseException:
             # KeyboardInterrupt included: nothing of a failed pull may look like a model.
@@ -673,6 +720,52 @@ class ModelStore:
                 except OSError:
                     pass
             raise
+
+    def _install_dir(self, base: str, tag: str, source: "LocalDirSource", staging: Path, final: Path,
+                     progress: bool, on_progress: ProgressCallback | None) -> Path:
+        model = staging / MODEL_DIR
+        model.mkdir()
+        files = source.fetch_dir(model, on_progress, progress)
+        total = sum(f["size"] for f in files.values())
+        if on_progress is not None:
+            on_progress("verifying", total, total)
+        _verify_model_dir(model, source.uri)
+        digest = hashlib.sha256()
+        for name in sorted(files):
+            digest.update(f"{name}\0{files[name]['sha256']}\n".encode())
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "name": _display(base, tag),
+            "source": source.uri,
+            "sha256": digest.hexdigest(),  # of the sorted (file name, file sha256) list
+            "size": total,
+            "pulled_at": _now_iso(),
+            "format": DIR_FORMAT,
+            "files": files,
+        }
+        if on_progress is not None:
+            on_progress("writing manifest", total, total)
+        tmp_manifest = staging / (MANIFEST_FILE + ".tmp")
+        with open(tmp_manifest, "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_manifest, staging / MANIFEST_FILE)
+        self._commit(base, tag, staging, final)
+        return final / MODEL_DIR
+
+    def _commit(self, base: str, tag: str, staging: Path, final: Path) -> None:
+        """Rename a complete staging directory into place (the manifest inside it last written)."""
+        final.parent.mkdir(exist_ok=True)
+        if final.exists():
+            # Not a valid model (checked under the lock); move it aside so the rename below
+            # stays a single atomic step.
+            trash = Path(tempfile.mkdtemp(prefix=f".trash-{base}@{tag}-", dir=self.root))
+            os.rename(final, trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        os.rename(staging, final)
+        _fsync_dir(final.parent)
 
     @staticmethod
     def _verify(path: Path, size: int, sha256: str, source: Source, declared: dict) -> None:
@@ -754,7 +847,7 @@ class ModelStore:
                 entries.append(
                     ModelEntry(
                         name=_display(base_dir.name, d.name),
-                        path=d / MODEL_FILE,
+                        path=self._present(base_dir.name, d.name),
                         size=int(m.get("size", 0)),
                         sha256=str(m.get("sha256", "")),
                         source=str(m.get("source", "")),
@@ -793,3 +886,18 @@ class ModelStore:
 def _is_model_dir(p: Path) -> bool:
     """A Hugging Face model directory: what ember.hf.loader opens."""
     return p.is_dir() and (p / "config.json").is_file()
+
+
+def _verify_model_dir(model: Path, what: str) -> None:
+    """What a model directory must have before it is stored: a config.json ember reads, the
+    safetensors it names with sound headers, and a tokenizer.json."""
+    from ember.hf.config import CONFIG_FILE, model_config_from_hf, read_json
+    from ember.hf.safetensors import Checkpoint, CheckpointError
+
+    try:
+        model_config_from_hf(read_json(model / CONFIG_FILE, "model config"), f"{what}/{CONFIG_FILE}")
+        Checkpoint(model).close()
+        if not (model / "tokenizer.json").is_file():
+            raise CheckpointError(f"{what}: no tokenizer.json")
+    except CheckpointError as e:
+        raise IntegrityError(f"not a model directory ember can run: {e}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -172,21 +173,57 @@ def gguf_summary(path: Path) -> dict | None:
             close()
 
 
+def directory_summary(path: Path) -> dict:
+    """Headline facts of a Hugging Face model directory, from config.json and the safetensors
+    headers (no tensor is read)."""
+    from ember.hf.config import CONFIG_FILE, read_json
+    from ember.hf.safetensors import Checkpoint
+    from ember.tokenizer import _chat_template_of, _read_tokenizer_config
+
+    hf = read_json(path / CONFIG_FILE, "model config")
+    ckpt = Checkpoint(path)
+    try:
+        params = sum(math.prod(ckpt.entry(n).shape) for n in ckpt)
+        dtypes = sorted({ckpt.entry(n).dtype for n in ckpt})
+    finally:
+        ckpt.close()
+    qc = hf.get("quantization_config")
+    quant = qc.get("quant_method") if isinstance(qc, dict) else None
+    return {
+        "architecture": hf.get("model_type"),
+        "parameters": _human_count(params),  # stored values: packed quantized weights count less
+        "context_length": hf.get("max_position_embeddings"),
+        "embedding_length": hf.get("hidden_size"),
+        "quantization": quant or "/".join(dtypes),
+        "chat_template": _chat_template_of(path, _read_tokenizer_config(path)) is not None,
+    }
+
+
+def model_summary(path: Path) -> dict | None:
+    return directory_summary(path) if path.is_dir() else gguf_summary(path)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
-        manifest = store.manifest(args.name)
         path = store.resolve(args.name)
+        try:
+            manifest = store.manifest(args.name)
+        except StoreError:
+            if not Path(args.name).expanduser().exists():
+                raise
+            manifest = {"path": str(path)}  # a file or directory outside the store
     except (StoreError, OSError) as e:
         return _error(e)
     summary = None
     warning = None
     try:
-        summary = gguf_summary(path)
+        summary = model_summary(path)
     except Exception as e:  # a metadata problem must not hide the manifest
-        warning = f"could not read GGUF metadata: {e}"
+        warning = f"could not read the model's metadata: {e}"
     if args.json:
-        print(json.dumps({**manifest, "path": str(path), "gguf": summary}, indent=2))
+        print(json.dumps({**manifest, "path": str(path), "model": summary,
+                          "gguf": summary if not path.is_dir() else None}, indent=2))
     else:
         print("  Model")
         if summary:
@@ -211,4 +248,5 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["register", "cmd_pull", "cmd_list", "cmd_rm", "cmd_show", "gguf_summary"]
+__all__ = ["register", "cmd_pull", "cmd_list", "cmd_rm", "cmd_show", "gguf_summary", "directory_summary",
+           "model_summary"]

@@ -30,14 +30,15 @@ def test_fused_linear_matches_reference(qtype, pack):
 
 @pytest.mark.skipif(not _mkl_packing(), reason="this torch has no MKL: the packed path is not available")
 def test_mkl_packed_rows_do_not_depend_on_their_batch_on_avx512():
-    """MKL's packed GEMM gives a row the same bits in any batch on AVX-512 (plain sgemm's one-row
-    path differs in the last bit). On AVX2 MKL picks other kernels and it does not hold: the float
-    weights (F32/F16/BF16, which are dequantized) are not batch-invariant there
-    until cpu_gguf has a float kernel of its own."""
+    """MKL's packed GEMM gives a row the same bits in any batch on an Intel AVX-512 CPU (plain
+    sgemm's one-row path differs in the last bit). Elsewhere MKL picks other kernels and it does
+    not hold: on AVX2, and on AMD's AVX-512 CPUs (Zen 4), where MKL runs its AVX2 code."""
     from ember_cpu_gguf import native
 
     if not native.runnable("avx512")[0]:
         pytest.skip("MKL's packed GEMM is batch-invariant only on AVX-512 CPUs, and this one has none")
+    if "GenuineIntel" not in open("/proc/cpuinfo").read():
+        pytest.skip("MKL runs its AVX-512 kernels on Intel CPUs only; this CPU is not an Intel one")
     ws = [quant_weight(f"w{i}", GGMLQuantizationType.Q8_0, rows, 64, i) for i, rows in enumerate((96, 32, 32))]
     lin = DenseLinear(ws, pack=True)
     x = torch.randn(64, 64)

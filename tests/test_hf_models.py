@@ -311,3 +311,78 @@ def test_reader_agrees_with_the_safetensors_library(models):
             assert ours.raw(name).tobytes() == t.contiguous().view(torch.uint8).numpy().tobytes()
     ckpt = Checkpoint(d)
     assert len(ckpt) == len(ours.tensors) and ckpt.nbytes == (d / "model.safetensors").stat().st_size
+
+
+# ------------------------------------------------------------------------ store, CLI, server
+
+
+def test_pull_stores_a_directory_model(models, tmp_path, monkeypatch):
+    from ember.store import IntegrityError, ModelNotFound, ModelStore
+
+    monkeypatch.setenv("EMBER_MODELS", str(tmp_path / "store"))
+    store = ModelStore()
+    src, _ = models["qwen2"]
+    path = store.pull(src, progress=False, name="tiny-qwen2")
+    assert path.is_dir() and path.name == "model"
+    assert {p.name for p in path.iterdir()} == {p.name for p in src.iterdir()}
+    assert store.resolve("tiny-qwen2") == path and store.pull(src, progress=False, name="tiny-qwen2") == path
+    entry = {e.name: e for e in store.list()}["tiny-qwen2"]
+    assert entry.path == path and entry.size == sum(p.stat().st_size for p in src.iterdir())
+    assert store.manifest("tiny-qwen2")["format"] == "safetensors"
+    want = LLM(str(src), device="cpu_gguf", exact=True).prompt_logits(PROMPTS[0])
+    got = LLM("tiny-qwen2", device="cpu_gguf", exact=True).prompt_logits(PROMPTS[0])
+    assert np.array_equal(np.asarray(want), np.asarray(got))
+    # a file of the stored model cut short: not a model any more, pulled again whole
+    (path / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(ModelNotFound):
+        store.resolve("tiny-qwen2")
+    assert store.pull(src, progress=False, name="tiny-qwen2") == path
+    assert (path / "model.safetensors").stat().st_size == (src / "model.safetensors").stat().st_size
+    # a broken directory is refused before anything is stored
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    (broken / "model.safetensors").write_bytes(b"\x05")
+    with pytest.raises(IntegrityError, match="not a model directory ember can run.*too small"):
+        store.pull(broken, progress=False)
+    assert "broken" not in {e.name for e in store.list()}
+    assert not list((tmp_path / "store").glob(".tmp-*"))
+    store.remove("tiny-qwen2")
+    assert store.list() == []
+
+
+def test_show_and_run_a_directory_from_the_cli(models, tmp_path):
+    import subprocess
+    import sys
+
+    src, _ = models["llama"]
+    env = {**__import__("os").environ, "EMBER_MODELS": str(tmp_path / "store")}
+    out = subprocess.run([sys.executable, "-m", "ember.cli", "show", str(src), "--json"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)["model"]
+    assert info["architecture"] == "llama" and info["quantization"] == "BF16" and info["chat_template"]
+    run = subprocess.run([sys.executable, "-m", "ember.cli", "run", str(src), "the", "--max-tokens", "4",
+                          "--no-server"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    bad = subprocess.run([sys.executable, "-m", "ember.cli", "run", str(tmp_path), "hi", "--no-server"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode != 0 and "without a config.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_directory_model_serves_both_apis(models):
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from ember.server.serve import BackgroundServer, build_app
+
+    src, _ = models["qwen3"]
+    llm = LLM(str(src), device="cpu_gguf", max_model_len=256)
+    with BackgroundServer(build_app(llm, "tiny-qwen3")) as srv:
+        show = httpx.post(f"{srv.url}/api/show", json={"model": "tiny-qwen3"}, timeout=60).json()
+        assert show["details"]["format"] == "safetensors" and show["details"]["family"] == "qwen3"
+        assert "im_start" in show["template"]
+        tags = httpx.get(f"{srv.url}/api/tags", timeout=60).json()["models"]
+        assert tags[0]["size"] == sum(p.stat().st_size for p in src.iterdir()) and tags[0]["digest"]
+        r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120, json={
+            "model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1

@@ -516,7 +516,33 @@ def _describe_file(path: str, _mtime_ns: int, _size: int) -> dict:
         return _describe_gguf(gf)
 
 
+def _describe_directory(path: Path) -> dict:
+    """What Ollama's details/model_info say, for a Hugging Face model directory."""
+    from ember.hf.config import CONFIG_FILE, read_json
+    from ember.store_cli import directory_summary
+    from ember.tokenizer import _chat_template_of, _read_tokenizer_config
+
+    summary = directory_summary(path)
+    hf = read_json(path / CONFIG_FILE, "model config")
+    arch = str(summary["architecture"] or "")
+    info = {"general.architecture": arch, **{f"{arch}.{k}": _clean(v) for k, v in hf.items()
+                                              if isinstance(v, (int, float, str, bool))}}
+    tok = _read_tokenizer_config(path)
+    eos = tok.get("eos_token")
+    return {
+        "details": {"parent_model": "", "format": "safetensors", "family": arch,
+                    "families": [arch] if arch else None, "parameter_size": summary["parameters"],
+                    "quantization_level": summary["quantization"]},
+        "model_info": info,
+        "template": _chat_template_of(path, tok) or "",
+        "license": None,
+        "eos": eos.get("content") if isinstance(eos, dict) else eos,
+    }
+
+
 def _describe_path(path: Path) -> dict:
+    if path.is_dir():
+        return _describe_directory(path)
     st = path.stat()
     return _describe_file(str(path), st.st_mtime_ns, st.st_size)
 
@@ -530,17 +556,14 @@ _served_cache: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionar
 
 
 def _served_description(engine) -> dict:
-    gf = getattr(engine.engine, "gguf", None)
-    if gf is not None:
-        cached = _served_cache.get(engine)
-        if cached is None:
-            cached = _served_cache[engine] = _describe_gguf(gf)  # the served file never changes
-        return cached
     path = _served_path(engine)
     if path is None:
         return {"details": OllamaModelDetails().model_dump(), "model_info": {}, "template": "",
                 "license": None, "eos": None}
-    return _describe_path(path)
+    cached = _served_cache.get(engine)
+    if cached is None:
+        cached = _served_cache[engine] = _describe_path(path)  # the served model never changes
+    return cached
 
 
 def _manifest_for(path: Path) -> dict | None:
@@ -548,22 +571,31 @@ def _manifest_for(path: Path) -> dict | None:
         m = json.loads((path.parent / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    return m if isinstance(m, dict) and m.get("size") == path.stat().st_size else None
+    if not isinstance(m, dict):
+        return None
+    if path.is_dir():  # a stored directory model: the manifest lists its files
+        return m if isinstance(m.get("files"), dict) else None
+    return m if m.get("size") == path.stat().st_size else None
 
 
 def _identity(path: Path | None) -> tuple[str, str, int]:
     """(digest, modified_at, size) of a model file. The store's manifest has the sha256; for
     any other file, hashing gigabytes per listing is too slow, so the digest names the file's
     path, size and mtime instead (it changes whenever the file does, which is its use)."""
-    if path is None or not path.is_file():
+    if path is None or not path.exists():
         return "", _now(), 0
     st = path.stat()
+    size = st.st_size
+    if path.is_dir():  # a model directory: its files' sizes and newest change
+        files = [p.stat() for p in path.iterdir() if p.is_file()]
+        size = sum(f.st_size for f in files)
+        st = max(files, key=lambda f: f.st_mtime_ns, default=st)
     manifest = _manifest_for(path)
     if manifest and isinstance(manifest.get("sha256"), str):
         digest = manifest["sha256"]
     else:
-        digest = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-    return digest, _iso(st.st_mtime), st.st_size
+        digest = hashlib.sha256(f"{path.resolve()}:{size}:{st.st_mtime_ns}".encode()).hexdigest()
+    return digest, _iso(st.st_mtime), size
 
 
 def _tag(name: str) -> str:
