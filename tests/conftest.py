@@ -82,3 +82,21 @@ def tiny_gguf(smollm2_gguf, tmp_path_factory):
     from tiny_model import write_tiny_llama
 
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_gguf, tmp_path_factory):
+    """SmolLM2 as a Hugging Face directory (bf16 safetensors, tokenizer.json), written by
+    transformers from the GGUF file it dequantizes: the checkpoint a vLLM user would bring."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import torch
+
+    d = tmp_path_factory.mktemp("smollm2-hf")
+    kw = dict(gguf_file=smollm2_gguf.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), dtype=torch.float32, **kw)
+    del model.config.quantization_config  # what transformers records of the GGUF it read
+    model.hf_quantizer = None
+    model.to(torch.bfloat16).save_pretrained(d)
+    transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), **kw).save_pretrained(d)
+    return d

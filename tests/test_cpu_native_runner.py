@@ -51,14 +51,21 @@ def _llm(path, **kw):
     return LLM(str(path), max_model_len=1024, kv_cache_memory=128 * 1024**2, **kw)
 
 
-def test_runner_choice(smollm2_gguf, tiny_gguf):
+def test_runner_choice(smollm2_gguf, tiny_gguf, tmp_path):
+    import json
+
     from ember.engine.torch_runner import TorchModelRunner
     from ember_cpu_gguf.runner import NativeModelRunner
 
     assert isinstance(_llm(smollm2_gguf).engine.runner, NativeModelRunner)
     assert isinstance(_llm(smollm2_gguf, exact=True).engine.runner, TorchModelRunner)
-    # float32 weights have no quantized kernel: the torch runner takes them
-    assert isinstance(_llm(tiny_gguf).engine.runner, TorchModelRunner)
+    # float32 weights run on the float kernel (csrc/float_matmul.h), natively too
+    assert isinstance(_llm(tiny_gguf).engine.runner, NativeModelRunner)
+    # rows of 48 values fit no kernel (they take multiples of 32): the torch runner takes them
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "vocab_size": 300, "hidden_size": 48, "intermediate_size": 64,
+                               "num_hidden_layers": 1, "num_attention_heads": 3, "num_key_value_heads": 1}))
+    assert isinstance(_llm(f"dummy:{cfg}").engine.runner, TorchModelRunner)
 
 
 @pytest.mark.slow

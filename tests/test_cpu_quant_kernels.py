@@ -123,12 +123,14 @@ def test_amx_tiles_give_the_vnni_paths_bits(qtype, one_term):
 
 def test_quantized_linear_refuses_what_it_cannot_run():
     ks = kernels()
+    iq = QuantWeight("h", Q.IQ4_NL, (4, 64), np.zeros((4, 36), np.uint8))
     f16 = QuantWeight("h", Q.F16, (4, 64), np.zeros((4, 128), np.uint8))
-    assert not QuantLinear.accepts([f16], ks)
+    assert not QuantLinear.accepts([iq], ks)
     assert not QuantLinear.accepts([weight(Q.Q4_0, 4, 64, 0), weight(Q.Q4_0, 4, 96, 1)], ks)  # widths differ
+    assert not QuantLinear.accepts([weight(Q.Q4_0, 4, 64, 0), f16], ks)  # float and quantized parts
     assert not QuantLinear.accepts([weight(Q.Q4_0, 4, 64, 0)], None)
     with pytest.raises(ValueError):
-        QuantLinear([f16], kernels=ks)
+        QuantLinear([iq], kernels=ks)
 
 
 def layer_ops(variant=None):

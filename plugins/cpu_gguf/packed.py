@@ -1,4 +1,5 @@
-"""GGUF weights repacked for csrc/quant_matmul.c, without torch.
+"""GGUF weights repacked for csrc/quant_matmul.c (float ones kept as they are, for
+csrc/float_matmul.h), without torch.
 
 A PackedLinear holds one (possibly fused) layer's panels and the C handle that runs it; the torch
 layer (linear.QuantLinear) and the native model runner (runner.py) both drive the same handles.
@@ -13,6 +14,8 @@ import numpy as np
 # csrc/quant_matmul.c's EMBER_QMM_ONE_TERM: one int8 term per activation instead of two (the
 # --int8-activations option)
 ONE_TERM = 1
+# GGML's F32, F16 and BF16: csrc/float_matmul.h runs them (weights kept as the file has them)
+FLOAT_TYPES = (0, 1, 30)
 
 
 def dequantize_np(weight) -> np.ndarray:
@@ -68,7 +71,9 @@ class PackedLinear:
         if kernels is None or not weights:
             return False
         k = weights[0].shape[1]
+        floats = sum(int(w.qtype) in FLOAT_TYPES for w in weights)
         return (all(len(w.shape) == 2 and w.shape[1] == k for w in weights) and k % 32 == 0
+                and floats in (0, len(weights))  # float and quantized parts run different kernels
                 and all(kernels.supported(int(w.qtype)) for w in weights)
                 and all(kernels.repacked_size(int(w.qtype), w.shape[0], k) > 0 for w in weights))
 

@@ -68,7 +68,10 @@ static int block_bytes(int t) {
 }
 static int block_values(int t) { return t >= T_Q2_K ? 256 : 32; }
 
-int ember_qmm_supported(int t) { return block_bytes(t) > 0; }
+static float h2f(const uint8_t *p);
+#include "float_matmul.h"
+
+int ember_qmm_supported(int t) { return block_bytes(t) > 0 || float_type(t); }
 int ember_qmm_vectorized(void) { return EMBER_VNNI || EMBER_AVX2 || EMBER_NEON; }
 /* the inner loop this build runs: "avx512-vnni", "avx2", "neon" or "scalar" */
 const char *ember_qmm_path(void) {
@@ -79,7 +82,7 @@ static int amx_enabled = 1; /* the tests turn it off to compare the paths */
 void ember_qmm_set_amx(int on) { amx_enabled = on; }
 static int amx_available(void);
 
-static float h2f(const uint8_t *p) {
+static float h2f(const uint8_t *p) { /* exact */
     uint16_t h;
     memcpy(&h, p, 2);
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -247,6 +250,7 @@ static inline const uint8_t *group_scales(Fmt f, const uint8_t *w, int64_t g) {
 
 /* bytes of the repacked matrix: N rows padded to whole panels */
 int64_t ember_repacked_size(int t, int64_t N, int64_t K) {
+    if (float_type(t)) return K % 32 || N < 1 ? -1 : N * K * float_bytes(t); /* rows as the file has them */
     if (!block_bytes(t) || K % block_values(t) || N < 1) return -1;
     return (N + 15) / 16 * panel_bytes(fmt_of(t), K);
 }
@@ -255,6 +259,10 @@ int64_t ember_repacked_size(int t, int64_t N, int64_t K) {
  * file holds for them, padded to 16 rows). Returns 0, or -2 for an unsupported type or shape. */
 int ember_repack(int t, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, int threads) {
     if (ember_repacked_size(t, N, K) < 0) return -2;
+    if (float_type(t)) {
+        memcpy(dst, src, (size_t)ember_repacked_size(t, N, K));
+        return 0;
+    }
     const Fmt f = fmt_of(t);
     const int64_t rb = K / block_values(t) * block_bytes(t), pb = panel_bytes(f, K);
     const int64_t panels = (N + 15) / 16;
@@ -1300,9 +1308,15 @@ int ember_qlinear(int nparts, const int *types, const void *const *data, const i
                   const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, const float *bias, int threads,
                   int flags) {
     if (K % 32 || K < 32 || nparts < 1 || nparts > 64 || M < 0) return -2;
-    for (int p = 0; p < nparts; p++)
+    int floats = 0;
+    for (int p = 0; p < nparts; p++) {
         if (ember_repacked_size(types[p], ns[p], K) < 0) return -2;
+        floats += float_type(types[p]);
+    }
+    if (floats && floats != nparts) return -2; /* float and quantized parts do not fuse */
     if (M == 0) return 0;
+    if (threads < 1) threads = 1;
+    if (floats) return float_linear(nparts, types, data, ns, K, x, ldx, M, y, ldy, bias, threads);
     Acts a;
     a.k = K;
     a.hi = malloc((size_t)(M * K));
