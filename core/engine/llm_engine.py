@@ -74,10 +74,13 @@ class LLMEngine:
                                                eager=config.eager,
                                                max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                                                max_num_seqs=config.scheduler.max_num_seqs))
-        missing = sorted({w.qtype.name for w in weights.values()} - set(self.backend.quant_formats))
+        from ember.quant.grouped import weight_format
+
+        missing = sorted({weight_format(w) for w in weights.values()} - set(self.backend.quant_formats))
         if missing:
-            raise BackendUnavailable(f"backend {info.name!r} cannot run tensor types {', '.join(missing)} "
-                                     f"(it supports {', '.join(sorted(self.backend.quant_formats))})")
+            method = loaded.quant_method if release_pages is not None else "dummy"
+            raise BackendUnavailable(f"backend {info.name!r} has no kernel for the {method} checkpoint's weight "
+                                     f"formats {', '.join(missing)} (it runs {', '.join(sorted(self.backend.quant_formats))})")
         self.max_model_len = min(config.max_model_len or cfg.context_length, cfg.context_length)
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")

@@ -97,8 +97,8 @@ def _weights(ckpt: Checkpoint, cfg: ModelConfig, method: QuantMethod, quant_conf
         if prefix is not None and len(shape) == 2 and name != "model.embed_tokens.weight":
             owned = method.linear_tensors(prefix)
             if all(t in ckpt for t in owned):
-                out[name] = method.load_linear(ckpt, prefix, shape, quant_config)
-                used.update(owned)
+                w = out[name] = method.load_linear(ckpt, prefix, shape, quant_config)
+                used.update(getattr(w, "source_names", ()) or owned)
                 continue
             if prefix + ".weight" not in ckpt and owned != [name]:
                 missing = [t for t in owned if t not in ckpt]

@@ -33,6 +33,7 @@ DTYPE_SIZES = {
 # The safetensors library refuses headers above 100 MB; a real one is a few hundred KB.
 MAX_HEADER_BYTES = 100_000_000
 INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -137,6 +138,8 @@ class Checkpoint:
         self._index: dict[str, str] = {}
         if index.is_file():
             shards = self._shards_from_index(index)
+        elif (self.directory / SINGLE_FILE).is_file():  # transformers' name for an unsharded checkpoint
+            shards = [SINGLE_FILE]
         else:
             shards = sorted(p.name for p in self.directory.glob("*.safetensors"))
             if not shards:

@@ -90,5 +90,9 @@ def float_weight(checkpoint: "Checkpoint", name: str, shape: tuple[int, ...]) ->
 
 @hookimpl
 def ember_register_quant_methods(register):
-    register(GGUFMethod())
-    register(UnquantizedMethod())
+    from ember.quant.awq import AWQMethod
+    from ember.quant.compressed_tensors import CompressedTensorsIntMethod
+    from ember.quant.gptq import GPTQMethod
+
+    for method in (GGUFMethod(), UnquantizedMethod(), AWQMethod(), GPTQMethod(), CompressedTensorsIntMethod()):
+        register(method)

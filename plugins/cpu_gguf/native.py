@@ -286,6 +286,10 @@ class QuantMatmul:
         self.new.argtypes, self.new.restype = [i32, p, p, p, i64, p, i32, i32], p
         self.run = lib.ember_qlinear_run
         self.run.argtypes, self.run.restype = [p, p, i64, i64, p], i32
+        self.repack_grouped = lib.ember_repack_grouped
+        self.repack_grouped.argtypes, self.repack_grouped.restype = [i32, p, p, p, i64, i64, p, i32], i32
+        self.set_perm = lib.ember_qlinear_set_perm
+        self.set_perm.argtypes, self.set_perm.restype = [p, p], None
         self.free = lib.ember_qlinear_free
         self.free.argtypes, self.free.restype = [p], None
 

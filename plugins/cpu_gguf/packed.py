@@ -16,6 +16,14 @@ import numpy as np
 ONE_TERM = 1
 # GGML's F32, F16 and BF16: csrc/float_matmul.h runs them (weights kept as the file has them)
 FLOAT_TYPES = (0, 1, 30)
+# csrc/quant_matmul.c's T_G4 and T_G8: AWQ, GPTQ and compressed-tensors integers (ember.quant.grouped)
+GROUPED_TYPES = {4: 256 + 4, 8: 256 + 8}
+
+
+def type_id(w) -> int:
+    """The kernel's type id for a weight: its GGML type, or T_G4 / T_G8 for grouped integers."""
+    bits = getattr(w, "bits", None)
+    return GROUPED_TYPES[bits] if getattr(w, "format", None) in ("int4", "int8") else int(w.qtype)
 
 
 def dequantize_np(weight) -> np.ndarray:
@@ -40,12 +48,20 @@ class PackedLinear:
         self.out_features = sum(w.shape[0] for w in weights)
         self.buffers = []
         for w in weights:
-            rows, qtype = w.shape[0], int(w.qtype)
-            src = np.ascontiguousarray(w.data)
-            buf = np.empty(self.kernels.repacked_size(qtype, rows, self.in_features), dtype=np.uint8)
-            rc = self.kernels.repack(qtype, src.ctypes.data, rows, self.in_features, buf.ctypes.data, threads)
+            rows, t = w.shape[0], type_id(w)
+            buf = np.empty(self.kernels.repacked_size(t, rows, self.in_features), dtype=np.uint8)
+            if t in GROUPED_TYPES.values():
+                u, sc, mn = w.arrays
+                per = w.group_size // 32  # a group of 64 or 128 is several of 32 with one scale
+                s32, m32 = np.repeat(sc, per, axis=1), np.repeat(mn, per, axis=1)
+                rc = self.kernels.repack_grouped(t, u.ctypes.data, s32.ctypes.data, m32.ctypes.data, rows,
+                                                 self.in_features, buf.ctypes.data, threads)
+            else:
+                src = np.ascontiguousarray(w.data)
+                rc = self.kernels.repack(t, src.ctypes.data, rows, self.in_features, buf.ctypes.data, threads)
             if rc != 0:
-                raise ValueError(f"{w.name}: cannot repack {w.qtype.name} weights (code {rc})")
+                raise ValueError(f"{w.name}: cannot repack its {getattr(w, 'format', None) or w.qtype.name} "
+                                 f"weights (code {rc})")
             self.buffers.append(buf)
             if getattr(w, "release", None) is not None:
                 w.release()  # the panels are our copy: the file's pages can leave the resident set
@@ -55,7 +71,7 @@ class PackedLinear:
                                         else np.zeros(w.shape[0], np.float32) for w, b in zip(weights, biases)])
         self.nbytes = sum(b.nbytes for b in self.buffers)
         n = len(weights)
-        types = (ctypes.c_int * n)(*(int(w.qtype) for w in weights))
+        types = (ctypes.c_int * n)(*(type_id(w) for w in weights))
         ptrs = (ctypes.c_void_p * n)(*(b.ctypes.data for b in self.buffers))
         rows = (ctypes.c_int64 * n)(*(w.shape[0] for w in weights))
         # the handle copies the part lists; it points into self.buffers and self.bias
@@ -65,17 +81,27 @@ class PackedLinear:
         if not self.handle:
             raise MemoryError("cannot allocate the quantized linear's handle")
         weakref.finalize(self, self.kernels.free, self.handle)
+        perm = getattr(weights[0], "perm", None)
+        self.perm = None if perm is None else np.ascontiguousarray(perm, dtype=np.int64)
+        if self.perm is not None:  # GPTQ's act order: the C side reads x through it
+            self.kernels.set_perm(self.handle, self.perm.ctypes.data)
 
     @staticmethod
     def accepts(weights, kernels) -> bool:
         if kernels is None or not weights:
             return False
         k = weights[0].shape[1]
-        floats = sum(int(w.qtype) in FLOAT_TYPES for w in weights)
+        types = [type_id(w) for w in weights]
+        floats = sum(t in FLOAT_TYPES for t in types)
+        perms = [getattr(w, "perm", None) for w in weights]
+        same_perm = (all(p is None for p in perms)
+                     or all(p is not None and np.array_equal(p, perms[0]) for p in perms))
         return (all(len(w.shape) == 2 and w.shape[1] == k for w in weights) and k % 32 == 0
                 and floats in (0, len(weights))  # float and quantized parts run different kernels
-                and all(kernels.supported(int(w.qtype)) for w in weights)
-                and all(kernels.repacked_size(int(w.qtype), w.shape[0], k) > 0 for w in weights))
+                and same_perm  # one input order for the fused parts
+                and all(getattr(w, "group_size", 32) % 32 == 0 for w in weights)
+                and all(kernels.supported(t) for t in types)
+                and all(kernels.repacked_size(t, w.shape[0], k) > 0 for t, w in zip(types, weights)))
 
     def run(self, x_ptr: int, ldx: int, rows: int, y_ptr: int) -> None:
         rc = self.kernels.run(self.handle, x_ptr, ldx, rows, y_ptr)

@@ -57,6 +57,10 @@
 /* GGML type ids (gguf.GGMLQuantizationType) */
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13,
        T_Q6_K = 14 };
+/* ember's own: w = s * u + m per 32 values with float32 s and m, u of 4 or 8 bits, what AWQ, GPTQ and
+ * compressed-tensors' integer weights are (ember.quant.grouped), built by ember_repack_grouped */
+enum { T_G4 = 256 + 4, T_G8 = 256 + 8 };
+static int grouped_type(int t) { return t == T_G4 || t == T_G8; }
 
 static int block_bytes(int t) {
     switch (t) {
@@ -71,7 +75,7 @@ static int block_values(int t) { return t >= T_Q2_K ? 256 : 32; }
 static float h2f(const uint8_t *p);
 #include "float_matmul.h"
 
-int ember_qmm_supported(int t) { return block_bytes(t) > 0 || float_type(t); }
+int ember_qmm_supported(int t) { return block_bytes(t) > 0 || float_type(t) || grouped_type(t); }
 int ember_qmm_vectorized(void) { return EMBER_VNNI || EMBER_AVX2 || EMBER_NEON; }
 /* the inner loop this build runs: "avx512-vnni", "avx2", "neon" or "scalar" */
 const char *ember_qmm_path(void) {
@@ -179,6 +183,7 @@ static void chunk_ints(int t, const uint8_t *row, int64_t c, int half, uint8_t u
  * Scales, per format:
  *   legacy (Q4_0 .. Q8_0), after each group's integers: 16 float16 s[n], then for Q4_1 and Q5_1 16
  *       float16 minimums m[n]; the zero-point types' m = -z s is computed, not stored;
+ *   grouped (T_G4, T_G8), after each group's integers: 16 float32 s[n], then 16 float32 m[n];
  *   Q4_K and Q5_K, after each super-block's 8 groups: the file's 12 scale bytes of each row,
  *       transposed (byte b of row n at 16b + n), then 16 float16 d, then 16 float16 dmin: the
  *       kernels unpack the 6-bit scales and minimums as the file's readers do;
@@ -188,7 +193,7 @@ static void chunk_ints(int t, const uint8_t *row, int64_t c, int half, uint8_t u
  * The floats the kernels compute from these (s = d * sc, m = -(dmin * mn), m = 0 - z * s) are the
  * same operations the file's dequantization makes, so every path multiplies the same numbers.
  * ------------------------------------------------------------------------------------------- */
-enum { SC_F16, SC_F16Z, SC_K4, SC_K6, SC_K2, SC_K3 };
+enum { SC_F16, SC_F16Z, SC_F32, SC_K4, SC_K6, SC_K2, SC_K3 };
 enum { EMBER_QMM_ONE_TERM = 1 }; /* ember_qlinear's flags */
 typedef struct {
     int bits; /* 4, 5, 6 or 8 */
@@ -205,6 +210,8 @@ static Fmt fmt_of(int t) {
     case T_Q5_0: return (Fmt){5, SC_F16Z, 16, 32};
     case T_Q5_1: return (Fmt){5, SC_F16, 0, 32};
     case T_Q8_0: return (Fmt){8, SC_F16Z, 128, 32};
+    case T_G4: return (Fmt){4, SC_F32, 0, 32};
+    case T_G8: return (Fmt){8, SC_F32, 0, 32};
     case T_Q4_K: return (Fmt){4, SC_K4, 0, 32};
     case T_Q5_K: return (Fmt){5, SC_K4, 0, 32};
     case T_Q2_K: return (Fmt){2, SC_K2, 0, 16};
@@ -228,6 +235,7 @@ static int64_t scale_bytes(Fmt f) {
     switch (f.scales) {
     case SC_F16: return 64;
     case SC_F16Z: return 32;
+    case SC_F32: return 128;
     case SC_K4: return 16 * 12 + 64;
     case SC_K2: return 16 * 16 + 64;
     case SC_K3: return 16 * 12 + 32;
@@ -251,14 +259,67 @@ static inline const uint8_t *group_scales(Fmt f, const uint8_t *w, int64_t g) {
 /* bytes of the repacked matrix: N rows padded to whole panels */
 int64_t ember_repacked_size(int t, int64_t N, int64_t K) {
     if (float_type(t)) return K % 32 || N < 1 ? -1 : N * K * float_bytes(t); /* rows as the file has them */
+    if (grouped_type(t)) return K % 32 || N < 1 ? -1 : (N + 15) / 16 * panel_bytes(fmt_of(t), K);
     if (!block_bytes(t) || K % block_values(t) || N < 1) return -1;
     return (N + 15) / 16 * panel_bytes(fmt_of(t), K);
+}
+
+/* Row n's 32 values uu of one group into the group's planes (which start zeroed) */
+static void put_ints(Fmt f, uint8_t *ints, int n, const uint8_t *uu) {
+    if (f.bits == 8) {
+        for (int j = 0; j < 8; j++)
+            for (int i = 0; i < 4; i++) ints[64 * j + 4 * n + i] = uu[4 * j + i];
+    } else if (f.bits < 4) {
+        for (int J = 0; J < 8; J++)
+            for (int i = 0; i < 4; i++) {
+                ints[64 * (J / 4) + 4 * n + i] |= (uint8_t)((uu[4 * J + i] & 3) << 2 * (J % 4));
+                if (f.bits == 3) ints[128 + 4 * n + i] |= (uint8_t)(((uu[4 * J + i] >> 2) & 1) << J);
+            }
+    } else {
+        for (int j = 0; j < 4; j++)
+            for (int i = 0; i < 4; i++)
+                ints[64 * j + 4 * n + i] = (uint8_t)((uu[4 * j + i] & 15) | (uu[16 + 4 * j + i] & 15) << 4);
+        for (int J = 0; J < 8 && f.bits > 4; J++) /* the high plane of 5- and 6-bit types */
+            for (int i = 0; i < 4; i++) {
+                const int hb = uu[4 * J + i] >> 4;
+                if (f.bits == 5) ints[256 + 4 * n + i] |= (uint8_t)((hb & 1) << J);
+                else ints[256 + 64 * (J / 4) + 4 * n + i] |= (uint8_t)((hb & 3) << 2 * (J % 4));
+            }
+    }
+}
+
+/* Repack a grouped matrix (T_G4 or T_G8): u[N][K] its unsigned integers, one per byte (below 16 for
+ * T_G4), s and m [N][K/32] the float32 scale and minimum of each row's groups of 32, w = s * u + m.
+ * Returns 0, or -2 for an unsupported type or shape, -3 for an integer out of range. */
+int ember_repack_grouped(int t, const uint8_t *u, const float *s, const float *m, int64_t N, int64_t K, uint8_t *dst,
+                         int threads) {
+    if (!grouped_type(t) || ember_repacked_size(t, N, K) < 0) return -2;
+    const Fmt f = fmt_of(t);
+    const int64_t pb = panel_bytes(f, K), panels = (N + 15) / 16;
+    if (f.bits == 4)
+        for (int64_t i = 0; i < N * K; i++)
+            if (u[i] > 15) return -3;
+    memset(dst, 0, (size_t)(panels * pb));
+    #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static)
+    for (int64_t p = 0; p < panels; p++) {
+        uint8_t *w = dst + p * pb;
+        for (int n = 0; n < 16 && 16 * p + n < N; n++) {
+            const int64_t row = 16 * p + n;
+            for (int64_t g = 0; g < K / 32; g++) {
+                put_ints(f, (uint8_t *)group_ints(f, w, g), n, u + row * K + 32 * g);
+                uint8_t *sc = (uint8_t *)group_scales(f, w, g);
+                memcpy(sc + 4 * n, s + row * (K / 32) + g, 4);
+                memcpy(sc + 64 + 4 * n, m + row * (K / 32) + g, 4);
+            }
+        }
+    }
+    return 0;
 }
 
 /* Repack N rows of GGUF blocks (row after row) into dst (ember_repacked_size bytes, which is what the
  * file holds for them, padded to 16 rows). Returns 0, or -2 for an unsupported type or shape. */
 int ember_repack(int t, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, int threads) {
-    if (ember_repacked_size(t, N, K) < 0) return -2;
+    if (ember_repacked_size(t, N, K) < 0 || grouped_type(t)) return -2; /* grouped: ember_repack_grouped */
     if (float_type(t)) {
         memcpy(dst, src, (size_t)ember_repacked_size(t, N, K));
         return 0;
@@ -277,28 +338,7 @@ int ember_repack(int t, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, 
                 chunk_ints(t, row, c, 64 * c + 64 > K, u);
                 for (int gi = 0; gi < 2 && c * 64 + gi * 32 < K; gi++) {
                     const int64_t g = 2 * c + gi;
-                    uint8_t *ints = (uint8_t *)group_ints(f, w, g);
-                    const uint8_t *uu = u + 32 * gi;
-                    if (f.bits == 8) {
-                        for (int j = 0; j < 8; j++)
-                            for (int i = 0; i < 4; i++) ints[64 * j + 4 * n + i] = uu[4 * j + i];
-                    } else if (f.bits < 4) {
-                        for (int J = 0; J < 8; J++)
-                            for (int i = 0; i < 4; i++) {
-                                ints[64 * (J / 4) + 4 * n + i] |= (uint8_t)((uu[4 * J + i] & 3) << 2 * (J % 4));
-                                if (f.bits == 3) ints[128 + 4 * n + i] |= (uint8_t)(((uu[4 * J + i] >> 2) & 1) << J);
-                            }
-                    } else {
-                        for (int j = 0; j < 4; j++)
-                            for (int i = 0; i < 4; i++)
-                                ints[64 * j + 4 * n + i] = (uint8_t)((uu[4 * j + i] & 15) | (uu[16 + 4 * j + i] & 15) << 4);
-                        for (int J = 0; J < 8 && f.bits > 4; J++) /* the high plane of 5- and 6-bit types */
-                            for (int i = 0; i < 4; i++) {
-                                const int hb = uu[4 * J + i] >> 4;
-                                if (f.bits == 5) ints[256 + 4 * n + i] |= (uint8_t)((hb & 1) << J);
-                                else ints[256 + 64 * (J / 4) + 4 * n + i] |= (uint8_t)((hb & 3) << 2 * (J % 4));
-                            }
-                    }
+                    put_ints(f, (uint8_t *)group_ints(f, w, g), n, u + 32 * gi);
                     if (!is_k(f)) { /* legacy: float16 s (and m), exact: they came from float16 */
                         uint8_t *sc = (uint8_t *)group_scales(f, w, g);
                         const uint8_t *blk = row + g * block_bytes(t);
@@ -336,6 +376,7 @@ int ember_repack(int t, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, 
 static inline void lane_scales(Fmt f, const uint8_t *sc, int64_t g, int half, int n, float *s, float *m) {
     switch (f.scales) {
     case SC_F16: *s = h2f(sc + 2 * n); *m = h2f(sc + 32 + 2 * n); break;
+    case SC_F32: memcpy(s, sc + 4 * n, 4); memcpy(m, sc + 64 + 4 * n, 4); break;
     case SC_F16Z: *s = h2f(sc + 2 * n); *m = 0.f - (float)f.z * *s; break;
     case SC_K4: {
         uint8_t q[12];
@@ -550,6 +591,8 @@ static inline int32_t q8_offset(const Acts *a, int64_t row, int64_t g, int terms
     else if (f.bits == 4 && f.scales == SC_F16) X(4, SC_F16, 0, 32, T) \
     else if (f.bits == 5 && f.scales == SC_F16Z) X(5, SC_F16Z, 16, 32, T) \
     else if (f.bits == 5 && f.scales == SC_F16) X(5, SC_F16, 0, 32, T) \
+    else if (f.bits == 4 && f.scales == SC_F32) X(4, SC_F32, 0, 32, T) \
+    else if (f.bits == 8 && f.scales == SC_F32) X(8, SC_F32, 0, 32, T) \
     else if (f.bits == 8) X(8, SC_F16Z, 128, 32, T) \
     else if (f.bits == 4) X(4, SC_K4, 0, 32, T) \
     else if (f.bits == 5) X(5, SC_K4, 0, 32, T) \
@@ -626,6 +669,9 @@ static inline __attribute__((always_inline)) void scales16(const int kind, const
     if (kind == SC_F16) {
         *s = h16(sc);
         *m = h16(sc + 32);
+    } else if (kind == SC_F32) {
+        *s = _mm512_loadu_ps((const float *)(const void *)sc);
+        *m = _mm512_loadu_ps((const float *)(const void *)(sc + 64));
     } else if (kind == SC_F16Z) {
         *s = h16(sc);
         *m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_set1_ps((float)z), *s));
@@ -889,6 +935,9 @@ static inline __attribute__((always_inline)) void scales8(const int kind, const 
     if (kind == SC_F16) {
         *s = h8(sc + 16 * h);
         *m = h8(sc + 32 + 16 * h);
+    } else if (kind == SC_F32) {
+        *s = _mm256_loadu_ps((const float *)(const void *)(sc + 32 * h));
+        *m = _mm256_loadu_ps((const float *)(const void *)(sc + 64 + 32 * h));
     } else if (kind == SC_F16Z) {
         *s = h8(sc + 16 * h);
         *m = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(_mm256_set1_ps((float)z), *s));
@@ -1159,6 +1208,9 @@ static inline __attribute__((always_inline)) void scales4(const int kind, const 
     if (kind == SC_F16) {
         *s = h4(sc + 8 * q);
         *m = h4(sc + 32 + 8 * q);
+    } else if (kind == SC_F32) {
+        *s = vld1q_f32((const float *)(const void *)(sc + 16 * q));
+        *m = vld1q_f32((const float *)(const void *)(sc + 64 + 16 * q));
     } else if (kind == SC_F16Z) {
         *s = h4(sc + 8 * q);
         *m = vsubq_f32(vdupq_n_f32(0.f), vmulq_f32(vdupq_n_f32((float)z), *s));
@@ -1416,6 +1468,7 @@ typedef struct {
     const void *data[64];
     int64_t ns[64], K, N;
     const float *bias;
+    const int64_t *perm; /* the input columns in the weights' order (GPTQ's act order), or NULL */
 } QLinear;
 
 void *ember_qlinear_new(int nparts, const int *types, const void *const *data, const int64_t *ns, int64_t K,
@@ -1437,11 +1490,25 @@ void *ember_qlinear_new(int nparts, const int *types, const void *const *data, c
     return h;
 }
 
+/* The weights' columns are the input's reordered: column j multiplies x[perm[j]] (perm[K], kept by
+ * the caller; NULL: in order). */
+void ember_qlinear_set_perm(void *handle, const int64_t *perm) { ((QLinear *)handle)->perm = perm; }
+
 /* y[M, N] (contiguous) = x[M, K] (row stride ldx) @ W.T (+ bias) */
 int ember_qlinear_run(const void *handle, const float *x, int64_t ldx, int64_t M, float *y) {
     const QLinear *h = handle;
-    return ember_qlinear(h->nparts, h->types, h->data, h->ns, h->K, x, ldx, M, y, h->N, h->bias, h->threads,
-                         h->flags);
+    if (!h->perm || M == 0)
+        return ember_qlinear(h->nparts, h->types, h->data, h->ns, h->K, x, ldx, M, y, h->N, h->bias, h->threads,
+                             h->flags);
+    const int64_t K = h->K;
+    float *xp = malloc(sizeof(float) * (size_t)(M * K));
+    if (!xp) return -1;
+    for (int64_t r = 0; r < M; r++)
+        for (int64_t j = 0; j < K; j++) xp[r * K + j] = x[r * ldx + h->perm[j]];
+    const int rc = ember_qlinear(h->nparts, h->types, h->data, h->ns, K, xp, K, M, y, h->N, h->bias, h->threads,
+                                 h->flags);
+    free(xp);
+    return rc;
 }
 
 void ember_qlinear_free(void *handle) { free(handle); }
