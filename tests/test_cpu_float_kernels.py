@@ -97,3 +97,41 @@ def test_float_weights_stay_at_their_size(qtype):
     w = float_weight(qtype, 48, 512, 0)
     lin = QuantLinear([w], threads=1, kernels=ks)
     assert lin.nbytes == w.data.nbytes
+
+
+def fp8_weight(rows, cols, block, seed):
+    from ember.quant.fp8 import Float8Weight
+
+    g = torch.Generator().manual_seed(seed)
+    data = (torch.randn(rows, cols, generator=g) * 40).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    data[0, :16] = np.arange(16, dtype=np.uint8)  # subnormals and zero
+    data[1, :16] = np.arange(16, dtype=np.uint8) | 0x80
+    scales = (torch.rand(rows, cols // block, generator=g) * 0.01 + 1e-4).numpy()
+    return Float8Weight("w8", (rows, cols), data, scales)
+
+
+@pytest.mark.parametrize("variant", native.VARIANTS)
+@pytest.mark.parametrize("block", ["row", 128])
+def test_fp8_linear_matches_float64(variant, block):
+    ks = kernels(variant)
+    for rows, cols in [(40, 256), (9, 512)]:
+        w = fp8_weight(rows, cols, cols if block == "row" else block, rows)
+        lin = QuantLinear([w], threads=2, kernels=ks)
+        assert lin.nbytes == rows * cols + rows * (cols // w.block) * 4  # a byte a weight, and the scales
+        wf = w.dequantize().double()
+        for m in (1, 3, 8):
+            x = torch.randn(m, cols)
+            y = lin(x).double()
+            want, size = x.double() @ wf.T, x.double().abs() @ wf.abs().T
+            n = cols // 16 + 4 + cols // w.block
+            assert ((y - want).abs() <= n * 2.0**-24 * size * 1.01).all(), (rows, cols, m)
+            assert torch.equal(lin(x[-1:].clone()), lin(x)[-1:])
+
+
+@pytest.mark.skipif(len(RUNNABLE) < 2, reason="this CPU runs only one ISA build: nothing to compare")
+def test_fp8_gives_the_same_bits_on_every_isa():
+    w = fp8_weight(41, 512, 128, 3)
+    x = torch.randn(13, 512)
+    outs = {v: QuantLinear([w], threads=2, kernels=kernels(v))(x) for v in RUNNABLE}
+    for v, y in outs.items():
+        assert torch.equal(y, outs[RUNNABLE[-1]]), v

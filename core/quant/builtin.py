@@ -91,8 +91,10 @@ def float_weight(checkpoint: "Checkpoint", name: str, shape: tuple[int, ...]) ->
 @hookimpl
 def ember_register_quant_methods(register):
     from ember.quant.awq import AWQMethod
-    from ember.quant.compressed_tensors import CompressedTensorsIntMethod
+    from ember.quant.compressed_tensors import CompressedTensorsMethod
+    from ember.quant.fp8 import FP8Method
     from ember.quant.gptq import GPTQMethod
 
-    for method in (GGUFMethod(), UnquantizedMethod(), AWQMethod(), GPTQMethod(), CompressedTensorsIntMethod()):
+    for method in (GGUFMethod(), UnquantizedMethod(), AWQMethod(), GPTQMethod(), CompressedTensorsMethod(),
+                   FP8Method()):
         register(method)

@@ -26,6 +26,7 @@ from ember.quant.grouped import (SCALE_DTYPES, GroupedIntWeight, GroupedMethod, 
                                  release_views, unpack_int32)
 
 INT_FORMATS = ("pack-quantized", "int-quantized")
+FLOAT_FORMAT = "float-quantized"
 
 
 def _matches(target: str, prefix: str) -> bool:
@@ -47,9 +48,10 @@ def scheme_for(quant_config: Mapping[str, Any], prefix: str) -> tuple[dict, str]
     return None
 
 
-class CompressedTensorsIntMethod(GroupedMethod, QuantMethod):
+class CompressedTensorsMethod(GroupedMethod, QuantMethod):
     name = "compressed-tensors"
-    description = "compressed-tensors int4/int8 weights (pack-quantized, int-quantized), by group or channel"
+    description = ("compressed-tensors: int4/int8 weights by group or channel (pack-quantized, int-quantized), "
+                   "FP8 by tensor, channel or block (float-quantized)")
 
     def recognises(self, quant_config):
         if not (isinstance(quant_config, Mapping) and quant_config.get("quant_method") == "compressed-tensors"):
@@ -57,7 +59,7 @@ class CompressedTensorsIntMethod(GroupedMethod, QuantMethod):
         formats = {quant_config.get("format")} | {g.get("format") for g in (quant_config.get("config_groups") or {}).values()
                                                   if isinstance(g, Mapping)}
         formats.discard(None)
-        return bool(formats) and formats <= set(INT_FORMATS) | {"dense"}
+        return bool(formats) and formats <= set(INT_FORMATS) | {FLOAT_FORMAT, "dense"}
 
     def linear_tensors(self, prefix):
         return [prefix + ".weight_scale"]  # with weight_packed (pack-quantized) or weight (int-quantized)
@@ -69,6 +71,8 @@ class CompressedTensorsIntMethod(GroupedMethod, QuantMethod):
             raise CheckpointError(f"{where}: {prefix} has a weight_scale, yet no config group targets it")
         args, fmt = scheme
         bits, kind, strategy = args.get("num_bits"), args.get("type", "int"), args.get("strategy")
+        if fmt == FLOAT_FORMAT and kind == "float" and bits == 8:
+            return self._float8(ckpt, prefix, shape, args)
         if kind != "int" or bits not in (4, 8) or fmt not in INT_FORMATS:
             raise CheckpointError(f"{where}: compressed-tensors {fmt!r} with {bits}-bit {kind} weights is not "
                                   f"supported here (int4/int8, {', '.join(INT_FORMATS)})")
@@ -129,3 +133,39 @@ class CompressedTensorsIntMethod(GroupedMethod, QuantMethod):
 
         return GroupedIntWeight(prefix + ".weight", shape, bits, group, make, perm, self.name, names[-1],
                                 release_views(ckpt, names), tuple(names))
+
+    def _float8(self, ckpt, prefix, shape, args):
+        from ember.quant.fp8 import load_float8
+
+        strategy = args.get("strategy")
+        if strategy in ("tensor", "channel"):
+            return load_float8(ckpt, prefix, shape, "weight_scale", None)
+        if strategy == "block":
+            block = args.get("block_structure")
+            if not (isinstance(block, list) and len(block) == 2):
+                raise CheckpointError(f"{ckpt.directory}: FP8 block strategy without a [rows, columns] block_structure")
+            return load_float8(ckpt, prefix, shape, "weight_scale", tuple(block))
+        raise CheckpointError(f"{ckpt.directory}: compressed-tensors FP8 strategy {strategy!r} is not supported "
+                              f"(tensor, channel, block)")
+
+    def dequantize(self, weight):
+        return weight.dequantize()
+
+    def can_fuse(self, weights):
+        if any(getattr(w, "format", None) == "fp8" for w in weights):
+            return len({(w.format, getattr(w, "block", None)) for w in weights}) == 1
+        return super().can_fuse(weights)
+
+    def split_output(self, weight, start, stop):
+        if getattr(weight, "format", None) == "fp8":
+            from ember.quant.fp8 import FP8Method
+
+            return FP8Method().split_output(weight, start, stop)
+        return weight.rows(start, stop)
+
+    def split_input(self, weight, start, stop):
+        if getattr(weight, "format", None) == "fp8":
+            from ember.quant.fp8 import FP8Method
+
+            return FP8Method().split_input(weight, start, stop)
+        return weight.columns(start, stop)

@@ -51,8 +51,9 @@ class CpuGgufBackend(Backend):
     name = "cpu_gguf"
     device_type = "cpu"
     priority = 10
-    # GGUF's types, and the grouped integers of AWQ, GPTQ and compressed-tensors (ember.quant.grouped)
-    quant_formats = GGUF_TYPES | {"int4", "int8"}
+    # GGUF's types, the grouped integers of AWQ, GPTQ and compressed-tensors (ember.quant.grouped),
+    # and FP8 (ember.quant.fp8)
+    quant_formats = GGUF_TYPES | {"int4", "int8", "fp8"}
     dtypes = ("float32", "float16")
     description = ("CPU, GGUF weights kept quantized (integer kernels on two int8 terms per activation, or "
                    "one with --int8-activations; --exact: float32 reference), "

@@ -14,16 +14,22 @@ import numpy as np
 # csrc/quant_matmul.c's EMBER_QMM_ONE_TERM: one int8 term per activation instead of two (the
 # --int8-activations option)
 ONE_TERM = 1
-# GGML's F32, F16 and BF16: csrc/float_matmul.h runs them (weights kept as the file has them)
-FLOAT_TYPES = (0, 1, 30)
+# GGML's F32, F16 and BF16, and FP8 with its scales by row (T_F8_ROW) or by 128 columns (T_F8_B128):
+# csrc/float_matmul.h runs them (weights kept as the file has them)
+F8_ROW, F8_B128 = 256 + 32, 256 + 33
+FLOAT_TYPES = (0, 1, 30, F8_ROW, F8_B128)
 # csrc/quant_matmul.c's T_G4 and T_G8: AWQ, GPTQ and compressed-tensors integers (ember.quant.grouped)
 GROUPED_TYPES = {4: 256 + 4, 8: 256 + 8}
 
 
 def type_id(w) -> int:
     """The kernel's type id for a weight: its GGML type, or T_G4 / T_G8 for grouped integers."""
-    bits = getattr(w, "bits", None)
-    return GROUPED_TYPES[bits] if getattr(w, "format", None) in ("int4", "int8") else int(w.qtype)
+    fmt = getattr(w, "format", None)
+    if fmt in ("int4", "int8"):
+        return GROUPED_TYPES[w.bits]
+    if fmt == "fp8":
+        return F8_ROW if w.block == w.shape[1] else F8_B128 if w.block == 128 else -1
+    return int(w.qtype)
 
 
 def dequantize_np(weight) -> np.ndarray:
@@ -58,6 +64,8 @@ class PackedLinear:
                                                  self.in_features, buf.ctypes.data, threads)
             else:
                 src = np.ascontiguousarray(w.data)
+                if t in (F8_ROW, F8_B128):  # the rows' bytes, then their scales
+                    src = np.concatenate([src.reshape(-1), w.scales.reshape(-1).view(np.uint8)])
                 rc = self.kernels.repack(t, src.ctypes.data, rows, self.in_features, buf.ctypes.data, threads)
             if rc != 0:
                 raise ValueError(f"{w.name}: cannot repack its {getattr(w, 'format', None) or w.qtype.name} "

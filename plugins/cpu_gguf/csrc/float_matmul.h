@@ -15,8 +15,24 @@
 #include <math.h>
 
 enum { T_F32 = 0, T_F16 = 1, T_BF16 = 30 };
-static int float_type(int t) { return t == T_F32 || t == T_F16 || t == T_BF16; }
-static int float_bytes(int t) { return t == T_F32 ? 4 : 2; }
+/* ember's own: FP8 (e4m3) weights with a float32 scale per row and block of columns, the whole row
+ * (T_F8_ROW: per-tensor and per-channel scales) or 128 columns (T_F8_B128: DeepSeek-style blocks,
+ * whose 128-row extent the loader spreads over the rows). The matrix is the N rows of K bytes, then
+ * the [N][K / block] scales. */
+enum { T_F8_ROW = 256 + 32, T_F8_B128 = 256 + 33 };
+static int float_type(int t) { return t == T_F32 || t == T_F16 || t == T_BF16 || t == T_F8_ROW || t == T_F8_B128; }
+static int is_f8(int t) { return t == T_F8_ROW || t == T_F8_B128; }
+static int float_bytes(int t) { return t == T_F32 ? 4 : is_f8(t) ? 1 : 2; }
+/* the columns one scale covers */
+static int64_t f8_block(int t, int64_t K) { return t == T_F8_B128 ? 128 : K; }
+/* bytes of an N x K float matrix as the kernels hold it */
+static int64_t float_matrix_bytes(int t, int64_t N, int64_t K) {
+    return N * K * float_bytes(t) + (is_f8(t) ? N * (K / f8_block(t, K)) * 4 : 0);
+}
+/* e4m3 as float16 bits, exactly scaled down by 2^8: sign, then the exponent and mantissa shifted
+ * into float16's (exponent bias 15 against e4m3's 7; subnormals land on float16's subnormals). The
+ * value is 256 times this float16's. */
+static inline uint16_t f8_as_h(uint8_t b) { return (uint16_t)(((b & 0x80) << 8) | ((b & 0x7F) << 7)); }
 
 #if EMBER_VNNI
 #define MRF 4 /* activation rows per tile */
@@ -27,6 +43,12 @@ static inline v16 v16_x(const float *p) { return _mm512_loadu_ps(p); }
 static inline __attribute__((always_inline)) v16 v16_w(const int t, const uint8_t *p) {
     if (t == T_F32) return _mm512_loadu_ps((const float *)(const void *)p);
     if (t == T_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)p));
+    if (is_f8(t)) {
+        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(const void *)p));
+        const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                                          _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7));
+        return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f));
+    }
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(const void *)p)), 16));
 }
 static inline v16 v16_fma(v16 a, v16 b, v16 c) { return _mm512_fmadd_ps(a, b, c); }
@@ -45,6 +67,12 @@ static inline v16 v16_x(const float *p) { v16 v = {_mm256_loadu_ps(p), _mm256_lo
 static inline __attribute__((always_inline)) __m256 w8(const int t, const uint8_t *p) {
     if (t == T_F32) return _mm256_loadu_ps((const float *)(const void *)p);
     if (t == T_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
+    if (is_f8(t)) {
+        const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(const void *)p));
+        const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                       _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7));
+        return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
+    }
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)p)), 16));
 }
 static inline __attribute__((always_inline)) v16 v16_w(const int t, const uint8_t *p) {
@@ -70,6 +98,13 @@ static inline v16 v16_x(const float *p) { v16 v; for (int i = 0; i < 4; i++) v.q
 static inline __attribute__((always_inline)) float32x4_t w4(const int t, const uint8_t *p) {
     if (t == T_F32) return vld1q_f32((const float *)(const void *)p);
     if (t == T_F16) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)(const void *)p)));
+    if (is_f8(t)) {
+        uint32_t four;
+        memcpy(&four, p, 4);
+        const uint16x4_t b = vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(four))));
+        const uint16x4_t h = vorr_u16(vshl_n_u16(vand_u16(b, vdup_n_u16(0x80)), 8), vshl_n_u16(vand_u16(b, vdup_n_u16(0x7F)), 7));
+        return vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u16(h)), vdupq_n_f32(256.0f));
+    }
     return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t *)(const void *)p), 16));
 }
 static inline __attribute__((always_inline)) v16 v16_w(const int t, const uint8_t *p) {
@@ -98,6 +133,11 @@ static inline v16 v16_w(const int t, const uint8_t *p) {
     for (int j = 0; j < 16; j++) {
         if (t == T_F32) memcpy(&v.l[j], p + 4 * j, 4);
         else if (t == T_F16) v.l[j] = h2f(p + 2 * j);
+        else if (is_f8(t)) {
+            const uint16_t h = f8_as_h(p[j]);
+            uint8_t hb[2] = {(uint8_t)(h & 0xFF), (uint8_t)(h >> 8)};
+            v.l[j] = h2f(hb) * 256.0f;
+        }
         else {
             uint32_t bits = (uint32_t)(p[2 * j] | p[2 * j + 1] << 8) << 16;
             memcpy(&v.l[j], &bits, 4);
@@ -113,32 +153,42 @@ static inline float v16_fold(v16 v) {
 }
 #endif
 
-/* out[r * NRF + n] = row r of x (stride ldx) . weight row n (stride ldw bytes), r < mr, n < nr */
+/* out[r * NRF + n] = row r of x (stride ldx) . weight row n (stride ldw bytes), r < mr, n < nr. FP8:
+ * each block of columns' dot is folded, then out = fma(dot, scale, out) block after block (sc: the
+ * tile's first row's scales, ldsc apart). */
 static inline __attribute__((always_inline)) void ftile_t(const int t, const int mr, const int nr, const uint8_t *w,
                                                           int64_t ldw, int64_t K, const float *x, int64_t ldx,
-                                                          float *out) {
-    v16 acc[MRF][NRF];
-    for (int r = 0; r < mr; r++)
-        for (int n = 0; n < nr; n++) acc[r][n] = v16_zero();
+                                                          float *out, const float *sc, int64_t ldsc) {
     const int b = float_bytes(t);
-    for (int64_t k = 0; k < K; k += 16) {
-        v16 wv[NRF];
-        for (int n = 0; n < nr; n++) wv[n] = v16_w(t, w + n * ldw + k * b);
-        for (int r = 0; r < mr; r++) {
-            const v16 xv = v16_x(x + r * ldx + k);
-            for (int n = 0; n < nr; n++) acc[r][n] = v16_fma(xv, wv[n], acc[r][n]);
-        }
-    }
+    const int64_t block = is_f8(t) ? f8_block(t, K) : K;
     for (int r = 0; r < mr; r++)
-        for (int n = 0; n < nr; n++) out[r * NRF + n] = v16_fold(acc[r][n]);
+        for (int n = 0; n < nr; n++) out[r * NRF + n] = 0.0f;
+    for (int64_t k0 = 0; k0 < K; k0 += block) {
+        v16 acc[MRF][NRF];
+        for (int r = 0; r < mr; r++)
+            for (int n = 0; n < nr; n++) acc[r][n] = v16_zero();
+        for (int64_t k = k0; k < k0 + block; k += 16) {
+            v16 wv[NRF];
+            for (int n = 0; n < nr; n++) wv[n] = v16_w(t, w + n * ldw + k * b);
+            for (int r = 0; r < mr; r++) {
+                const v16 xv = v16_x(x + r * ldx + k);
+                for (int n = 0; n < nr; n++) acc[r][n] = v16_fma(xv, wv[n], acc[r][n]);
+            }
+        }
+        for (int r = 0; r < mr; r++)
+            for (int n = 0; n < nr; n++) {
+                const float d = v16_fold(acc[r][n]);
+                out[r * NRF + n] = is_f8(t) ? fmaf(d, sc[n * ldsc + k0 / block], out[r * NRF + n]) : d;
+            }
+    }
 }
 
 #define FTILE_NR(T, MR)                                                                                       \
     switch (nr) {                                                                                             \
-    case 1: ftile_t(T, MR, 1, w, ldw, K, x, ldx, out); return;                                                \
-    case 2: if (NRF >= 2) { ftile_t(T, MR, NRF >= 2 ? 2 : 1, w, ldw, K, x, ldx, out); return; } break;        \
-    case 3: if (NRF >= 3) { ftile_t(T, MR, NRF >= 3 ? 3 : 1, w, ldw, K, x, ldx, out); return; } break;        \
-    case 4: if (NRF >= 4) { ftile_t(T, MR, NRF >= 4 ? 4 : 1, w, ldw, K, x, ldx, out); return; } break;        \
+    case 1: ftile_t(T, MR, 1, w, ldw, K, x, ldx, out, sc, ldsc); return;                                      \
+    case 2: if (NRF >= 2) { ftile_t(T, MR, NRF >= 2 ? 2 : 1, w, ldw, K, x, ldx, out, sc, ldsc); return; } break; \
+    case 3: if (NRF >= 3) { ftile_t(T, MR, NRF >= 3 ? 3 : 1, w, ldw, K, x, ldx, out, sc, ldsc); return; } break; \
+    case 4: if (NRF >= 4) { ftile_t(T, MR, NRF >= 4 ? 4 : 1, w, ldw, K, x, ldx, out, sc, ldsc); return; } break; \
     }
 #define FTILE_MR(T)                                                                                           \
     switch (mr) {                                                                                             \
@@ -148,10 +198,12 @@ static inline __attribute__((always_inline)) void ftile_t(const int t, const int
     case 4: if (MRF >= 4) { FTILE_NR(T, MRF >= 4 ? 4 : 1) } break;                                            \
     }
 static void ftile(int t, int mr, int nr, const uint8_t *w, int64_t ldw, int64_t K, const float *x, int64_t ldx,
-                  float *out) {
+                  float *out, const float *sc, int64_t ldsc) {
     if (t == T_F32) { FTILE_MR(T_F32) }
     else if (t == T_F16) { FTILE_MR(T_F16) }
-    else { FTILE_MR(T_BF16) }
+    else if (t == T_BF16) { FTILE_MR(T_BF16) }
+    else if (t == T_F8_ROW) { FTILE_MR(T_F8_ROW) }
+    else { FTILE_MR(T_F8_B128) }
 }
 #undef FTILE_MR
 #undef FTILE_NR
@@ -178,10 +230,13 @@ static int float_linear(int nparts, const int *types, const void *const *data, c
         const int64_t n0 = (bi - first[p]) * NRF, ldw = K * float_bytes(t);
         const int nr = ns[p] - n0 < NRF ? (int)(ns[p] - n0) : NRF;
         const uint8_t *w = (const uint8_t *)data[p] + n0 * ldw;
+        /* FP8: the scales follow the rows */
+        const int64_t ldsc = is_f8(t) ? K / f8_block(t, K) : 0;
+        const float *sc = is_f8(t) ? (const float *)(const void *)((const uint8_t *)data[p] + ns[p] * ldw) + n0 * ldsc : NULL;
         float out[MRF * NRF];
         for (int64_t m0 = 0; m0 < M; m0 += MRF) {
             const int mr = M - m0 < MRF ? (int)(M - m0) : MRF;
-            ftile(t, mr, nr, w, ldw, K, x + m0 * ldx, ldx, out);
+            ftile(t, mr, nr, w, ldw, K, x + m0 * ldx, ldx, out, sc, ldsc);
             for (int r = 0; r < mr; r++) {
                 float *yr = y + (m0 + r) * ldy + col[p] + n0;
                 for (int n = 0; n < nr; n++) yr[n] = bias ? out[r * NRF + n] + bias[col[p] + n0 + n] : out[r * NRF + n];

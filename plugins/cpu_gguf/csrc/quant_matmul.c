@@ -258,7 +258,8 @@ static inline const uint8_t *group_scales(Fmt f, const uint8_t *w, int64_t g) {
 
 /* bytes of the repacked matrix: N rows padded to whole panels */
 int64_t ember_repacked_size(int t, int64_t N, int64_t K) {
-    if (float_type(t)) return K % 32 || N < 1 ? -1 : N * K * float_bytes(t); /* rows as the file has them */
+    if (float_type(t)) /* rows as the file has them (FP8: then their scales) */
+        return K % 32 || N < 1 || K % f8_block(t, K) ? -1 : float_matrix_bytes(t, N, K);
     if (grouped_type(t)) return K % 32 || N < 1 ? -1 : (N + 15) / 16 * panel_bytes(fmt_of(t), K);
     if (!block_bytes(t) || K % block_values(t) || N < 1) return -1;
     return (N + 15) / 16 * panel_bytes(fmt_of(t), K);
