@@ -93,7 +93,56 @@ def qlinear_calls() -> list[H.Call]:
         calls.append(qlinear_call([w], x, qtype=qtype, kind="batch", rows=(0, 11)))
         for a, b in [(0, 1), (3, 4), (2, 9), (10, 11)]:
             calls.append(qlinear_call([w], x[a:b], qtype=qtype, kind="batch", rows=(a, b)))
+    # float weights (csrc/float_matmul.h): F32, F16, BF16, and FP8 with its scales after the rows
+    for name, w in float_weights():
+        for m in (1, 3, 7):
+            calls.append(qlinear_call([w], rng.standard_normal((m, w.shape[1])).astype(np.float32), qtype=None,
+                                      kind="float", name=name))
+    for name, w in grouped_weights():
+        for m in (1, 2, 5):
+            for one_term in (False, True):
+                calls.append(qlinear_call([w], rng.standard_normal((m, 256)).astype(np.float32), qtype=None,
+                                          one_term=one_term, kind="grouped", name=name))
     return calls
+
+
+def float_weights():
+    from types import SimpleNamespace
+
+    from ember.quant.fp8 import Float8Weight
+
+    g = torch.Generator().manual_seed(4)
+    out = []
+    for dt, qtype in ((torch.float32, Q.F32), (torch.float16, Q.F16), (torch.bfloat16, Q.BF16)):
+        data = torch.randn(19, 256, generator=g).to(dt).view(torch.uint8).numpy().reshape(19, -1)
+        out.append((qtype.name, QuantWeight(qtype.name, qtype, (19, 256), data)))
+    for block, tid in ((256, 256 + 32), (128, 256 + 33)):  # T_F8_ROW, T_F8_B128
+        raw = (torch.randn(19, 256, generator=g) * 30).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        scales = (torch.rand(19, 256 // block, generator=g) * 0.01 + 1e-4).numpy()
+        w8 = Float8Weight("w8", (19, 256), raw, scales)
+        data = np.concatenate([raw.reshape(-1), scales.reshape(-1).view(np.uint8)])
+        out.append((f"FP8/{block}", SimpleNamespace(qtype=tid, data=data, shape=(19, 256), dequantize=w8.dequantize)))
+    return out
+
+
+def grouped_weights():
+    """AWQ/GPTQ/compressed-tensors integers (ember.quant.grouped) as the kernel takes them: u, then s
+    and m per 32 columns, for T_G4 (260) and T_G8 (264)."""
+    from types import SimpleNamespace
+
+    from ember.quant.grouped import GroupedIntWeight
+
+    rng = np.random.default_rng(6)
+    out = []
+    for bits, tid in ((4, 260), (8, 264)):
+        u = rng.integers(0, 1 << bits, (21, 256), dtype=np.uint8)
+        s = (rng.random((21, 4)) * 0.02 + 1e-3).astype(np.float32)
+        m = -(s * rng.integers(0, 1 << bits, (21, 4))).astype(np.float32)
+        w = GroupedIntWeight("g", (21, 256), bits, 64, lambda u=u, s=s, m=m: (u, s, m))
+        s32, m32 = np.repeat(s, 2, axis=1), np.repeat(m, 2, axis=1)
+        data = np.concatenate([u.reshape(-1), s32.reshape(-1).view(np.uint8), m32.reshape(-1).view(np.uint8)])
+        out.append((f"int{bits}", SimpleNamespace(qtype=tid, data=data, shape=(21, 256), dequantize=w.dequantize)))
+    return out
 
 
 def random_cache(chunks, kv_heads, d, bs, dtype, seed):
@@ -371,6 +420,33 @@ def test_quantized_linear_matches_reference(runs, isa, qtype):
         assert ((y - want).abs() <= 1e-5 * size.max(dim=1, keepdim=True).values).all(), (w.shape, x.shape)
         ref = reference.linear(x, [w]).double()
         assert (y - ref).norm() / ref.norm() < (1e-4 if terms == 2 else 1e-2)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_float_linear_matches_float64(runs, isa):
+    cases = [(c, rc, a) for c, rc, a in runs.of(isa, "qlinear") if c.meta["kind"] == "float"]
+    assert len(cases) == 15
+    for c, rc, arrays in cases:
+        assert rc == 0, f"{c.meta['name']}: code {rc}"
+        (w,), x = c.meta["ws"], torch.from_numpy(c.meta["x"]).double()
+        y = torch.from_numpy(f32(arrays[0], (x.shape[0], w.shape[0]))).double()
+        wf = w.dequantize().double()
+        want, size = x @ wf.T, x.abs() @ wf.abs().T
+        assert ((y - want).abs() <= (256 // 16 + 6) * 2.0**-24 * size * 1.01).all(), c.meta["name"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_grouped_linear_matches_reference(runs, isa):
+    cases = [(c, rc, a) for c, rc, a in runs.of(isa, "qlinear") if c.meta["kind"] == "grouped"]
+    assert len(cases) == 12
+    for c, rc, arrays in cases:
+        assert rc == 0, f"{c.meta['name']}: code {rc}"
+        (w,), x = c.meta["ws"], torch.from_numpy(c.meta["x"])
+        y = torch.from_numpy(f32(arrays[0], (x.shape[0], w.shape[0]))).double()
+        xq = quantized_activations(x, 1 if c.meta["one_term"] else 2)
+        wf = w.dequantize().double()
+        want, size = xq @ wf.T, xq.abs() @ wf.abs().T
+        assert ((y - want).abs() <= 1e-5 * size.max(dim=1, keepdim=True).values).all(), c.meta["name"]
 
 
 @pytest.mark.parametrize("isa", ISAS)

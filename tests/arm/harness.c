@@ -34,6 +34,8 @@ WEAK int ember_qmm_vectorized(void);
 WEAK int ember_qmm_amx(void);
 WEAK int64_t ember_repacked_size(int t, int64_t N, int64_t K);
 WEAK int ember_repack(int t, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, int threads);
+WEAK int ember_repack_grouped(int t, const uint8_t *u, const float *s, const float *m, int64_t N, int64_t K, uint8_t *dst,
+                              int threads);
 WEAK void *ember_qlinear_new(int nparts, const int *types, const void *const *data, const int64_t *ns, int64_t K,
                              const float *bias, int threads, int flags);
 WEAK int ember_qlinear_run(const void *handle, const float *x, int64_t ldx, int64_t M, float *y);
@@ -167,7 +169,8 @@ static int64_t run_call(Call *c) {
     }
     if (!strcmp(op, "qlinear")) {
         /* ints: nparts, K, M, ldx, threads, flags; arrays: types (i32[nparts]), ns (i64[nparts]), x, bias or
-         * NULL, then each part's GGUF blocks. Repacks each part (ember_repack, as packed.py does),
+         * NULL, then each part's GGUF blocks (grouped types 260 and 264: u [N][K] bytes, then s and m
+         * float32 [N][K/32]). Repacks each part (ember_repack or ember_repack_grouped, as packed.py does),
          * then ember_qlinear_new + ember_qlinear_run into y [M, N], which is the reply's first extra
          * array, followed by the repacked parts. rc: the first failing repack's code, or run's. */
         if (!ember_qlinear_run) return NOT_LINKED;
@@ -193,7 +196,14 @@ static int64_t run_call(Call *c) {
             memset(buf, 0, (size_t)(size > 0 ? size : 1));
             c->extra[1 + p] = buf;
             c->extra_len[1 + p] = size > 0 ? size : 0;
-            int r = size > 0 ? ember_repack(types[p], A(4 + p), ns[p], K, buf, threads) : -2;
+            int r = -2;
+            if (size > 0 && (types[p] == 260 || types[p] == 264)) {
+                const uint8_t *u = A(4 + p);
+                const float *sc = (const float *)(const void *)(u + ns[p] * K);
+                r = ember_repack_grouped(types[p], u, sc, sc + ns[p] * (K / 32), ns[p], K, buf, threads);
+            } else if (size > 0) {
+                r = ember_repack(types[p], A(4 + p), ns[p], K, buf, threads);
+            }
             if (r && !rc) rc = r;
             data[p] = buf;
         }

@@ -263,7 +263,15 @@ def _x86_qlinear(c, arrs, variant, native):
     for p in range(nparts):
         size = ks.repacked_size(int(types[p]), int(ns[p]), K)
         buf = np.zeros(max(size, 1), np.uint8)
-        r = ks.repack(int(types[p]), _ptr(arrs[4 + p]), int(ns[p]), K, buf.ctypes.data, threads) if size > 0 else -2
+        t, n_p = int(types[p]), int(ns[p])
+        if size <= 0:
+            r = -2
+        elif t in (260, 264):  # grouped: u [N][K] bytes, then s and m float32 [N][K/32], as harness.c reads them
+            base = arrs[4 + p].ctypes.data
+            r = ks.repack_grouped(t, base, base + n_p * K, base + n_p * K + 4 * n_p * (K // 32), n_p, K,
+                                  buf.ctypes.data, threads)
+        else:
+            r = ks.repack(t, _ptr(arrs[4 + p]), n_p, K, buf.ctypes.data, threads)
         rc = rc or r
         bufs.append(buf[:max(size, 0)])
     if rc == 0:
