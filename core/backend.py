@@ -23,6 +23,25 @@ if TYPE_CHECKING:  # pragma: no cover
 # written for; the manager refuses (and reports) plugins whose major version differs.
 BACKEND_API_VERSION = 1
 
+# What a model runner consumes and returns, part of the same versioned contract: a plugin imports
+# them from here, never from ember.engine.* (where they live, loaded on first use so that this
+# module stays light). TorchModelRunner is the core's runner, for backends that extend it.
+RUNNER_API = {
+    "ModelRunner": "ember.engine.model_runner", "StepInputs": "ember.engine.model_runner",
+    "SampleResult": "ember.engine.model_runner", "HostSampling": "ember.engine.model_runner",
+    "kv_spec_for": "ember.engine.model_runner", "SchedulerOutput": "ember.engine.scheduler",
+    "ScheduledSeq": "ember.engine.scheduler", "Sequence": "ember.engine.sequence",
+    "TorchModelRunner": "ember.engine.torch_runner",
+}
+
+
+def __getattr__(name: str):
+    if name in RUNNER_API:
+        import importlib
+
+        return getattr(importlib.import_module(RUNNER_API[name]), name)
+    raise AttributeError(f"module 'ember.backend' has no attribute {name!r}")
+
 
 def host_memory_available() -> int | None:
     """Bytes the host could still give (Linux's MemAvailable); None where that is unknown. For

@@ -71,3 +71,23 @@ def test_importing_every_core_module_loads_no_device_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+
+
+def test_plugins_take_the_runner_contract_from_ember_backend():
+    """The step types a runner consumes belong to the versioned contract (ember.backend): a plugin
+    that imports ember.engine.* depends on the core's insides."""
+    found = []
+    for f in sorted(PLUGINS.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            found += [f"{f.relative_to(PLUGINS.parent)}:{node.lineno}: {n}" for n in names
+                      if n == "ember.engine" or n.startswith("ember.engine.")]
+    assert not found, "plugins importing ember.engine:\n" + "\n".join(found)
+    import ember.backend as contract
+
+    for name in contract.RUNNER_API:
+        assert getattr(contract, name) is not None

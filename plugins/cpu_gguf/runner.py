@@ -15,9 +15,7 @@ import ctypes
 import numpy as np
 
 from ember.config import CacheConfig, ModelConfig
-from ember.engine.model_runner import HostSampling, ModelRunner, SampleResult, StepInputs, kv_spec_for
-from ember.engine.scheduler import SchedulerOutput
-from ember.engine.sequence import Sequence
+from ember.backend import HostSampling, ModelRunner, SampleResult, SchedulerOutput, Sequence, StepInputs, kv_spec_for
 from ember.models.registry import ARCHITECTURES  # every dense one: the MoE ones are refused below
 from ember.ops.rope import rope_tables
 from ember_cpu_gguf import native

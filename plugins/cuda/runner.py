@@ -15,9 +15,7 @@ import time
 import torch
 
 from ember.backend import AttentionMetadata, KVCacheSpec
-from ember.engine.model_runner import StepInputs
-from ember.engine.scheduler import SchedulerOutput
-from ember.engine.torch_runner import TorchModelRunner
+from ember.backend import SchedulerOutput, StepInputs, TorchModelRunner
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ember.config import CacheConfig, ModelConfig
-from ember.engine.model_runner import HostSampling, ModelRunner, SampleResult, StepInputs, kv_spec_for
-from ember.engine.scheduler import SchedulerOutput
-from ember.engine.sequence import Sequence
+from ember.backend import HostSampling, ModelRunner, SampleResult, SchedulerOutput, Sequence, StepInputs, kv_spec_for
 from ember_tpu import attention, model
 from ember_tpu.attention import PagedInputs
 from ember_tpu.batching import bucket, pad_batch
