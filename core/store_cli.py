@@ -206,13 +206,15 @@ def model_summary(path: Path) -> dict | None:
 def cmd_show(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
-        path = store.resolve(args.name)
         try:
             manifest = store.manifest(args.name)
         except StoreError:
             if not Path(args.name).expanduser().exists():
                 raise
-            manifest = {"path": str(path)}  # a file or directory outside the store
+            manifest = None  # a file or directory outside the store
+        path = store.resolve(args.name)
+        if manifest is None:
+            manifest = {"path": str(path)}
     except (StoreError, OSError) as e:
         return _error(e)
     summary = None
