@@ -33,7 +33,7 @@ class LLM:
         """Generate for every prompt together (continuously batched); outputs in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.default_sampling_params()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -47,6 +47,12 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         return self._run(ids)
+
+    def default_sampling_params(self) -> SamplingParams:
+        """What generate() samples with when given no SamplingParams: the model's own defaults
+        (a Hugging Face directory's generation_config.json), as vLLM's LLM does, else SamplingParams()."""
+        gen = {k: v for k, v in self.engine.generation_defaults.items() if k != "eos_token_ids"}
+        return SamplingParams(**gen)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:

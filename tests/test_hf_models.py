@@ -386,3 +386,23 @@ def test_a_directory_model_serves_both_apis(models):
         r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120, json={
             "model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_generation_config_gives_the_sampling_defaults(models, tmp_path):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(models["llama"][0], d)
+    (d / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [7, 9], "temperature": 0.6, "top_p": 0.9, "top_k": 20, "do_sample": True}))
+    llm = LLM(str(d), device="cpu_gguf", max_model_len=64)
+    p = llm.default_sampling_params()
+    assert (p.temperature, p.top_p, p.top_k) == (0.6, 0.9, 20)
+    assert {7, 9} <= llm.engine.runner.eos_token_ids  # generation stops on the file's EOS list too
+    pytest.importorskip("fastapi")
+    from ember.server.openai_api import _model_defaults, _sampling_params
+    from ember.server.openai_protocol import ChatCompletionRequest
+
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], top_p=0.5)
+    params = _sampling_params(body, max_tokens=4, logprobs=None, defaults=_model_defaults(llm))
+    assert (params.temperature, params.top_p, params.top_k) == (0.6, 0.5, 20)  # the request's own top_p wins

@@ -158,7 +158,10 @@ def _structured(body) -> StructuredOutput | None:
     return asked[0][1] if asked else None
 
 
-def _sampling_params(body, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling_params(body, *, max_tokens: int | None, logprobs: int | None,
+                     defaults: dict | None = None) -> SamplingParams:
+    """defaults: the model's own sampling defaults (a Hugging Face directory's
+    generation_config.json), for the fields the request leaves out, as vLLM's server uses them."""
     if body.logit_bias:
         raise ApiError("logit_bias is not supported", "logit_bias")
     if body.stream_options is not None and not body.stream:
@@ -167,13 +170,14 @@ def _sampling_params(body, *, max_tokens: int | None, logprobs: int | None) -> S
     def given(value, default):
         return default if value is None else value
 
+    model = defaults or {}
     return SamplingParams(
         n=given(body.n, 1),
-        temperature=given(body.temperature, 1.0),
-        top_p=given(body.top_p, 1.0),
-        top_k=given(body.top_k, 0),
-        min_p=given(body.min_p, 0.0),
-        repetition_penalty=given(body.repetition_penalty, 1.0),
+        temperature=given(body.temperature, model.get("temperature", 1.0)),
+        top_p=given(body.top_p, model.get("top_p", 1.0)),
+        top_k=given(body.top_k, model.get("top_k", 0)),
+        min_p=given(body.min_p, model.get("min_p", 0.0)),
+        repetition_penalty=given(body.repetition_penalty, model.get("repetition_penalty", 1.0)),
         presence_penalty=given(body.presence_penalty, 0.0),
         frequency_penalty=given(body.frequency_penalty, 0.0),
         seed=body.seed,
@@ -187,6 +191,12 @@ def _sampling_params(body, *, max_tokens: int | None, logprobs: int | None) -> S
         skip_special_tokens=given(body.skip_special_tokens, True),
         structured=_structured(body),
     )
+
+
+def _model_defaults(engine) -> dict:
+    """The served model's sampling defaults (generation_config.json), without its EOS list."""
+    gen = getattr(getattr(engine, "engine", None), "generation_defaults", None) or {}
+    return {k: v for k, v in gen.items() if k != "eos_token_ids"}
 
 
 # --- tokens as text and bytes, for logprobs ----------------------------------------------------
@@ -451,8 +461,8 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
     prompts = _completion_prompts(body.prompt)
     # null means OpenAI's default here, not "up to the context" as in chat
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    params = _sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
     engine = _engine(request)
+    params = _sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, defaults=_model_defaults(engine))
     ctx = _Ctx(f"cmpl-{uuid.uuid4().hex}", body.model, n)
     gen = _Generation(engine, ctx.request_id, prompts, params)
     await gen.start()
@@ -567,8 +577,8 @@ async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
     else:
         logprobs = None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = _sampling_params(body, max_tokens=max_tokens, logprobs=logprobs)
     engine = _engine(request)
+    params = _sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, defaults=_model_defaults(engine))
     messages = _chat_messages(body)
     # a chat template is sandboxed but still may take its time: keep it off the event loop
     prompt_ids = await run_in_threadpool(engine.tokenizer.encode_chat, messages, **template_kwargs)
