@@ -39,13 +39,19 @@ class Float8Weight:
         if self._release is not None:
             self._release()
 
+    def dequantize_numpy(self) -> np.ndarray:
+        """float32 [out, in]: e4m3 values times their block's scale. An e4m3 byte is a float16 with
+        its exponent and mantissa shifted in, times 2^8 (exact, subnormals included: the kernels
+        convert it the same way)."""
+        b = self.data.astype(np.uint16)
+        w = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).astype(np.uint16).view(np.float16).astype(np.float32) * 256.0
+        return w * np.repeat(self.scales, self.block, axis=1)
+
     def dequantize(self):
-        """float32 [out, in]: e4m3 values (exact in float32) times their block's scale."""
+        """dequantize_numpy() as a torch tensor."""
         import torch
 
-        w = torch.from_numpy(np.array(self.data)).view(torch.float8_e4m3fn).float()
-        s = torch.from_numpy(self.scales).repeat_interleave(self.block, dim=1)
-        return w * s
+        return torch.from_numpy(self.dequantize_numpy())
 
     def __repr__(self) -> str:
         return f"Float8Weight({self.name!r}, {self.shape}, scale per {self.block} columns)"

@@ -65,10 +65,9 @@ class GroupedIntWeight:
         if self._release_source is not None:
             self._release_source()
 
-    def dequantize(self):
-        """float32 [out, in] torch tensor: the reference every kernel for these weights is held to."""
-        import torch
-
+    def dequantize_numpy(self) -> np.ndarray:
+        """float32 [out, in]: the reference every kernel for these weights is held to (numpy, for
+        runners without torch)."""
         u, s, m = self.arrays
         g = self.group_size
         w = (u.reshape(u.shape[0], -1, g).astype(np.float32) * s[:, :, None] + m[:, :, None]).reshape(u.shape)
@@ -76,7 +75,13 @@ class GroupedIntWeight:
             out = np.empty_like(w)
             out[:, self.perm] = w
             w = out
-        return torch.from_numpy(w)
+        return w
+
+    def dequantize(self):
+        """dequantize_numpy() as a torch tensor."""
+        import torch
+
+        return torch.from_numpy(self.dequantize_numpy())
 
     def rows(self, start: int, stop: int) -> "GroupedIntWeight":
         """Output rows [start, stop): a column-parallel shard."""

@@ -30,7 +30,8 @@ class TpuBackend(Backend):
     name = "tpu"
     device_type = "tpu"
     priority = 30
-    quant_formats = GGUF_TYPES
+    # GGUF's types, and AWQ/GPTQ/compressed-tensors integers and FP8: all dequantized at load
+    quant_formats = GGUF_TYPES | {"int4", "int8", "fp8"}
     dtypes = ("bfloat16", "float32")
     description = ("TPU through JAX: weights dequantized to bfloat16, a jitted step per bucketed shape, "
                    "Pallas paged attention for decode steps")

@@ -20,7 +20,10 @@ from ember_tpu.attention import AttentionPlan, PagedInputs
 
 
 def dequantize(weight) -> np.ndarray:
-    """A GGUF tensor as float32 numpy, through the gguf package's dequantizers (no torch)."""
+    """A weight as float32 numpy, without torch: a GGUF tensor through the gguf package's
+    dequantizers, AWQ/GPTQ/compressed-tensors integers and FP8 through their own reference."""
+    if hasattr(weight, "dequantize_numpy"):
+        return weight.dequantize_numpy()
     from gguf.quants import dequantize as gguf_dequantize
 
     return np.asarray(gguf_dequantize(weight.data, weight.qtype), dtype=np.float32).reshape(weight.shape)

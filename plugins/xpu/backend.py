@@ -45,7 +45,8 @@ class XpuBackend(Backend):
     name = "xpu"
     device_type = "xpu"
     priority = 40
-    quant_formats = GGUF_TYPES
+    # GGUF's types, and AWQ/GPTQ/compressed-tensors integers and FP8: all dequantized at load
+    quant_formats = GGUF_TYPES | {"int4", "int8", "fp8"}
     dtypes = ("bfloat16", "float16", "float32")
     description = ("Intel GPUs (torch.xpu): GGUF weights dequantized at load, IPEX paged flash attention "
                    "when installed, a portable torch path otherwise")
