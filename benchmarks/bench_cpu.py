@@ -84,19 +84,25 @@ def main() -> int:
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--int8-activations", action="store_true",
                     help="also measure ember with --int8-activations (llama.cpp's activation numerics)")
+    ap.add_argument("--also", action="append", default=[], metavar="MODEL",
+                    help="also measure ember on this model (a Hugging Face directory of the same model, "
+                         "say), as one more column; repeatable")
     args = ap.parse_args()
     t0 = time.time()
     ember, path = ember_figures(args.model, args.threads)
     embers = {"": ember}
     if args.int8_activations:
         embers[" --int8-activations"] = ember_figures(args.model, args.threads, int8_activations=True)[0]
-    ref = llamacpp_figures(path, args.threads)
+    also = {}
+    for other in args.also:
+        also[other] = embers[f" {Path(other).name}"] = ember_figures(other, args.threads)[0]
+    ref = llamacpp_figures(path, args.threads) if path.is_file() else None  # llama.cpp reads GGUF files
     from ember_cpu_gguf import native
 
     result = {"model": str(path), "threads": args.threads, "machine": platform.processor() or platform.machine(),
               "cpu": cpu_model(), "cpu_features": native.feature_names(), "kernels": native.selected()[0],
               "date": time.strftime("%Y-%m-%d"), "ember": ember,
-              "ember_int8_activations": embers.get(" --int8-activations"), "llama.cpp": ref,
+              "ember_int8_activations": embers.get(" --int8-activations"), "ember_also": also, "llama.cpp": ref,
               "seconds": round(time.time() - t0, 1)}
     print(table(embers, ref))
     if args.json:

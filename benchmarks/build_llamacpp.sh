@@ -14,6 +14,9 @@
 #   PIP                       pip to use (default: /work/venv/bin/pip, else `python3 -m pip`)
 #   JOBS                      parallel build jobs (default: 2)
 #   NICE                      niceness for the build (default: 10)
+#   LLAMA_CPP_ISA             native (default: -march=native) or avx2 (GGML_NATIVE=OFF with AVX2,
+#                             FMA and F16C: what to measure ember's EMBER_MAX_CPU_ISA=avx2 path
+#                             against on an AVX-512 machine)
 #   LLAMA_CPP_AMX             1 to keep Intel AMX kernels (default: 0 = compiled out).
 #                             On this machine (Sapphire Rapids VM) -march=native enables AMX
 #                             and every prompt batch then segfaults in ggml_backend_amx_mul_mat
@@ -72,11 +75,15 @@ EXTRA_FLAGS=""
 if [[ "${LLAMA_CPP_AMX:-0}" != "1" ]]; then
     EXTRA_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 fi
+ISA_FLAGS=(-DGGML_NATIVE=ON)
+if [[ "${LLAMA_CPP_ISA:-native}" == "avx2" ]]; then
+    ISA_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF)
+fi
 GEN=()
 command -v ninja >/dev/null 2>&1 && GEN=(-G Ninja)
 nice -n "$NICE" cmake -S "$LLAMA_SRC" -B "$OUT_DIR" "${GEN[@]}" \
     -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON \
+    "${ISA_FLAGS[@]}" \
     -DCMAKE_C_FLAGS="$EXTRA_FLAGS" -DCMAKE_CXX_FLAGS="$EXTRA_FLAGS" \
     -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_OPENCL=OFF \
     -DBUILD_SHARED_LIBS=OFF \
@@ -95,6 +102,7 @@ end=$(date +%s)
 cat > "$OUT_DIR/BUILD_INFO.txt" <<EOF
 llama-cpp-python sdist: $(basename "$SDIST")
 llama.cpp commit: $COMMIT
+ISA: ${LLAMA_CPP_ISA:-native} (${ISA_FLAGS[*]})
 extra compiler flags: ${EXTRA_FLAGS:-none}
 build dir: $OUT_DIR
 build seconds (cmake --build, -j$JOBS, nice $NICE): $((end - start))

@@ -81,8 +81,8 @@ def test_logits_and_greedy_tokens_match_the_tools_weights(name, exact):
         dense = ref[f"dense_logits.{i}"].float()
         rel = ((ours - dense).norm() / dense.norm()).item()
         # exact: float32 as the dense model; fast: integer weights against activations in two int8
-        # terms (about 16-bit precision), float weights (FP8) in float32
-        bound = DENSE_TOLERANCE[method] + (0 if exact or _is_fp8(name) else 1e-3)
+        # terms (about 16-bit precision), FP8 weights against float32 ones, and a float16 KV cache
+        bound = DENSE_TOLERANCE[method] + (0 if exact else 1e-3)  # fast: a float16 KV cache too
         assert rel < bound, f"prompt {i}: {rel:.2e} from the dense model"
         tool = ref[f"logits.{i}"].float()
         rel = ((ours - tool).norm() / tool.norm()).item()
@@ -261,7 +261,7 @@ def test_accelerator_backends_dequantize_at_load(backend, name):
     ref = _reference(name)
     llm = LLM(str(FIXTURES / name), device=cls.name, dtype="float32", max_model_len=128,
               registry=PluginRegistry.of(cls))
-    ours = torch.as_tensor(np.asarray(llm.prompt_logits(PROMPTS[0])), dtype=torch.float32)
+    ours = torch.tensor(np.array(llm.prompt_logits(PROMPTS[0])), dtype=torch.float32)
     dense = ref["dense_logits.0"].float()
     method = json.loads((FIXTURES / name / "config.json").read_text())["quantization_config"]["quant_method"]
     assert ((ours - dense).norm() / dense.norm()).item() < DENSE_TOLERANCE[method] + 1e-5
