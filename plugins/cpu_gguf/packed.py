@@ -55,6 +55,12 @@ class PackedLinear:
         self.buffers = []
         for w in weights:
             rows, t = w.shape[0], type_id(w)
+            if t in (0, 1, 30) and w.data.flags.c_contiguous:
+                # F32/F16/BF16 rows are read as the file has them: the kernel points into the mapped
+                # file (which lives as long as this view), no copy. Pages the engine lets go
+                # (release_pages) come back from the page cache as the kernel reads them.
+                self.buffers.append(w.data.reshape(-1))
+                continue
             buf = np.empty(self.kernels.repacked_size(t, rows, self.in_features), dtype=np.uint8)
             if t in GROUPED_TYPES.values():
                 u, sc, mn = w.arrays
