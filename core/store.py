@@ -701,15 +701,7 @@ class ModelStore:
             }
             if on_progress is not None:
                 on_progress("writing manifest", sink.size, sink.size)
-            # Written last: its presence is what makes a directory a model.
-            tmp_manifest = staging / (MANIFEST_FILE + ".tmp")
-            with open(tmp_manifest, "w") as f:
-                json.dump(manifest, f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_manifest, staging / MANIFEST_FILE)
-            self._commit(base, tag, staging, final)
+            self._commit(base, tag, staging, final, manifest)
             return final / MODEL_FILE
         except BaseException:
             # KeyboardInterrupt included: nothing of a failed pull may look like a model.
@@ -745,6 +737,12 @@ class ModelStore:
         }
         if on_progress is not None:
             on_progress("writing manifest", total, total)
+        self._commit(base, tag, staging, final, manifest)
+        return final / MODEL_DIR
+
+    def _commit(self, base: str, tag: str, staging: Path, final: Path, manifest: dict) -> None:
+        """Write the manifest into a complete staging directory, then rename it into place."""
+        # Written last: its presence is what makes a directory a model.
         tmp_manifest = staging / (MANIFEST_FILE + ".tmp")
         with open(tmp_manifest, "w") as f:
             json.dump(manifest, f, indent=2)
@@ -752,11 +750,6 @@ class ModelStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_manifest, staging / MANIFEST_FILE)
-        self._commit(base, tag, staging, final)
-        return final / MODEL_DIR
-
-    def _commit(self, base: str, tag: str, staging: Path, final: Path) -> None:
-        """Rename a complete staging directory into place (the manifest inside it last written)."""
         final.parent.mkdir(exist_ok=True)
         if final.exists():
             # Not a valid model (checked under the lock); move it aside so the rename below

@@ -54,3 +54,19 @@ def expected_product(x: torch.Tensor, ws, one_term: bool = False) -> torch.Tenso
     """x @ W.T in float64 for the parts ws, each on the activations the kernel gives its type."""
     return torch.cat([quantized_activations(x, activation_terms(w.qtype, one_term)) @ w.dequantize().double().T
                       for w in ws], dim=1)
+
+
+def kernels(variant=None):
+    """cpu_gguf's quant_matmul build for an ISA variant (None: the one chosen here), or skip with
+    the reason this CPU cannot run it."""
+    import pytest
+    from ember_cpu_gguf import native
+
+    if variant is not None:
+        ok, why = native.runnable(variant)
+        if not ok:
+            pytest.skip(f"{variant}: {why}")
+    k = native.quant_matmul(variant)
+    if k is None:
+        pytest.skip("no C compiler: the pure-torch fallback is what runs here")
+    return k

@@ -11,19 +11,12 @@ from ember.gguf.loader import QuantWeight
 from ember_cpu_gguf import native
 from ember_cpu_gguf.linear import QuantLinear
 
+from quant_inputs import kernels
+
 FLOATS = [Q.F32, Q.F16, Q.BF16]
 RUNNABLE = [v for v in native.VARIANTS if native.runnable(v)[0]]
 
 
-def kernels(variant=None):
-    if variant is not None:
-        ok, why = native.runnable(variant)
-        if not ok:
-            pytest.skip(f"{variant}: {why}")
-    k = native.quant_matmul(variant)
-    if k is None:
-        pytest.skip("no C compiler: the pure-torch fallback is what runs here")
-    return k
 
 
 def float_weight(qtype, rows, cols, seed):

@@ -13,7 +13,8 @@ from ember_cpu_gguf import native
 from ember_cpu_gguf.layer_ops import NativeLayerOps
 from ember_cpu_gguf.linear import QuantLinear
 
-from quant_inputs import K_QUANTS, LEGACY, activation_terms, expected_product, quantized_activations, weight  # noqa: E402
+from quant_inputs import (K_QUANTS, LEGACY, activation_terms, expected_product, kernels,  # noqa: E402
+                         quantized_activations, weight)
 
 
 def rounding_bound(x):
@@ -22,15 +23,6 @@ def rounding_bound(x):
     return (b.abs().amax(-1, keepdim=True) / 254).expand_as(b).reshape(x.shape)
 
 
-def kernels(variant=None):
-    if variant is not None:
-        ok, why = native.runnable(variant)
-        if not ok:
-            pytest.skip(f"{variant}: {why}")
-    k = native.quant_matmul(variant)
-    if k is None:
-        pytest.skip("no C compiler: the pure-torch fallback is what runs here")
-    return k
 
 
 # every type on two activation terms (the default) and on one (--int8-activations)

@@ -17,6 +17,8 @@ from ember.sampling_params import SamplingParams
 from ember_cpu_gguf import native
 from ember_cpu_gguf.linear import QuantLinear
 
+from quant_inputs import kernels
+
 FIXTURES = Path(__file__).parent / "fixtures" / "quantized"
 ALL_FIXTURES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.safetensors").is_file())
 # How far the tool's own loader is from the float32 model of its dequantized weights (dense_logits),
@@ -127,20 +129,12 @@ def _grouped(bits, out, cols, group, seed, act_order=False):
     return GroupedIntWeight(f"w{seed}", (out, cols), bits, group, lambda: (u, s, -(s * z)), perm)
 
 
-def _kernels(variant):
-    ok, why = native.runnable(variant)
-    if not ok:
-        pytest.skip(f"{variant}: {why}")
-    k = native.quant_matmul(variant)
-    if k is None:
-        pytest.skip("no C compiler")
-    return k
 
 
 @pytest.mark.parametrize("variant", native.VARIANTS)
 @pytest.mark.parametrize("bits,group,act_order", [(4, 64, False), (4, 128, True), (8, 32, False), (4, 256, False)])
 def test_grouped_kernels_match_the_reference_dequantize(variant, bits, group, act_order):
-    ks = _kernels(variant)
+    ks = kernels(variant)
     w = _grouped(bits, 48, 256, group, bits + group, act_order)
     lin = QuantLinear([w], threads=2, kernels=ks)
     wf = w.dequantize().double()

@@ -22,7 +22,7 @@ import numpy as np
 
 from ember.hf.safetensors import CheckpointError
 from ember.quant import QuantMethod
-from ember.quant.grouped import (SCALE_DTYPES, GroupedIntWeight, GroupedMethod, checkpoint_array, group_order,
+from ember.quant.grouped import (SCALE_DTYPES, GroupedIntWeight, GroupedMethod, act_order, checkpoint_array,
                                  release_views, unpack_int32)
 
 INT_FORMATS = ("pack-quantized", "int-quantized")
@@ -108,14 +108,7 @@ class CompressedTensorsMethod(GroupedMethod, QuantMethod):
             if tuple(int(v) for v in recorded) != tuple(shape):
                 raise CheckpointError(f"{where}: {prefix}.weight_shape is {recorded.tolist()}, expected {list(shape)}")
             names.append(prefix + ".weight_shape")
-        perm = None
-        if prefix + ".weight_g_idx" in ckpt:
-            g_idx = checkpoint_array(ckpt, prefix + ".weight_g_idx", ("I32", "I64"), (cols,))
-            try:
-                perm = group_order(g_idx, group, f"{where}: {prefix}.weight_g_idx")
-            except ValueError as e:
-                raise CheckpointError(str(e)) from None
-            names.append(prefix + ".weight_g_idx")
+        perm = act_order(ckpt, prefix + ".weight_g_idx", cols, group, names)
 
         def make():
             if fmt == "pack-quantized":

@@ -25,7 +25,7 @@ import numpy as np
 
 from ember.hf.safetensors import CheckpointError
 from ember.quant import QuantMethod
-from ember.quant.grouped import (SCALE_DTYPES, GroupedIntWeight, GroupedMethod, checkpoint_array, group_order,
+from ember.quant.grouped import (SCALE_DTYPES, GroupedIntWeight, GroupedMethod, act_order, checkpoint_array,
                                  release_views, unpack_int32)
 
 
@@ -79,14 +79,7 @@ class GPTQMethod(GroupedMethod, QuantMethod):
         qweight = checkpoint_array(ckpt, names[0], ("I32",), (cols // per, out))
         qzeros = checkpoint_array(ckpt, names[1], ("I32",), (groups, out // per))
         scales = checkpoint_array(ckpt, names[2], SCALE_DTYPES, (groups, out))
-        perm = None
-        if prefix + ".g_idx" in ckpt:
-            g_idx = checkpoint_array(ckpt, prefix + ".g_idx", ("I32", "I64"), (cols,))
-            try:
-                perm = group_order(g_idx, group, f"{ckpt.file_of(prefix + '.g_idx').path}: {prefix}.g_idx")
-            except ValueError as e:
-                raise CheckpointError(str(e)) from None
-            names.append(prefix + ".g_idx")
+        perm = act_order(ckpt, prefix + ".g_idx", cols, group, names)
         mask = (1 << bits) - 1
 
         def make():

@@ -167,6 +167,21 @@ def group_order(g_idx: np.ndarray, group_size: int, where: str) -> np.ndarray | 
     return np.argsort(g_idx, kind="stable")
 
 
+def act_order(ckpt, name: str, cols: int, group_size: int, names: list[str]) -> np.ndarray | None:
+    """The column order that makes the groups of an act-order checkpoint contiguous, from its g_idx
+    tensor `name` (None when the checkpoint has none, or a plain one); appends `name` to `names`."""
+    from ember.hf.safetensors import CheckpointError
+
+    if name not in ckpt:
+        return None
+    g_idx = checkpoint_array(ckpt, name, ("I32", "I64"), (cols,))
+    names.append(name)
+    try:
+        return group_order(g_idx, group_size, f"{ckpt.file_of(name).path}: {ckpt.original_name(name)}")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def checkpoint_array(ckpt, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
     """A checkpoint tensor as numpy (int32, int8 and uint8 as they are; float16, bfloat16 and
     float32 as float32), after checking its dtype and shape; a CheckpointError names the file."""
