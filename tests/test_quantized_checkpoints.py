@@ -255,7 +255,8 @@ def test_accelerator_backends_dequantize_at_load(backend, name):
     ref = _reference(name)
     llm = LLM(str(FIXTURES / name), device=cls.name, dtype="float32", max_model_len=128,
               registry=PluginRegistry.of(cls))
-    ours = torch.tensor(np.array(llm.prompt_logits(PROMPTS[0])), dtype=torch.float32)
+    logits = llm.prompt_logits(PROMPTS[0])  # a torch tensor from the torch runner, numpy from the JAX one
+    ours = (logits.detach().clone() if isinstance(logits, torch.Tensor) else torch.from_numpy(np.array(logits))).float()
     dense = ref["dense_logits.0"].float()
     method = json.loads((FIXTURES / name / "config.json").read_text())["quantization_config"]["quant_method"]
     assert ((ours - dense).norm() / dense.norm()).item() < DENSE_TOLERANCE[method] + 1e-5
