@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +76,8 @@ def load_hf_directory(directory: str | os.PathLike, quant_methods=None) -> HFMod
         checkpoint.close()
         raise
     if not cfg.name:
-        cfg = _named(cfg, d.name)
+        cfg = replace(cfg, name=d.name)
     return HFModel(d, cfg, tokenizer, weights, checkpoint, method, generation)
-
-
-def _named(cfg: ModelConfig, name: str) -> ModelConfig:
-    from dataclasses import replace
-
-    return replace(cfg, name=name)
 
 
 def _weights(ckpt: Checkpoint, cfg: ModelConfig, method: QuantMethod, quant_config) -> dict[str, QuantWeight]:

@@ -141,9 +141,6 @@ class CompressedTensorsMethod(GroupedMethod, QuantMethod):
         raise CheckpointError(f"{ckpt.directory}: compressed-tensors FP8 strategy {strategy!r} is not supported "
                               f"(tensor, channel, block)")
 
-    def dequantize(self, weight):
-        return weight.dequantize()
-
     def can_fuse(self, weights):
         if any(getattr(w, "format", None) == "fp8" for w in weights):
             return len({(w.format, getattr(w, "block", None)) for w in weights}) == 1
